@@ -1,0 +1,1 @@
+"""Finding and reading checkpoints: model references, safetensors, GGUF."""
