@@ -42,7 +42,9 @@ def bundled_model_path() -> Path:
     return path
 
 
-def resolve_model(ref: str | os.PathLike | None, *, gguf_file: str | None = None, **hub_kwargs) -> ResolvedModel:
+def resolve_model(
+    ref: str | os.PathLike | None, *, gguf_file: str | None = None, **hub_kwargs
+) -> ResolvedModel:
     """Find a model's files.
 
     ``ref`` is a local Hugging Face directory, a local ``.gguf`` file, a Hub id (``org/name``) looked up in the
@@ -64,7 +66,11 @@ def resolve_model(ref: str | os.PathLike | None, *, gguf_file: str | None = None
             return _gguf(ggufs[0])
         raise FileNotFoundError(
             f"{path} is not a model directory: it has no config.json"
-            + (f" and several .gguf files ({', '.join(p.name for p in ggufs)}); pass gguf_file=" if ggufs else "")
+            + (
+                f" and several .gguf files ({', '.join(p.name for p in ggufs)}); pass gguf_file="
+                if ggufs
+                else ""
+            )
         )
     if path.is_file():
         return _gguf(path)
@@ -83,21 +89,42 @@ def _gguf(path: Path) -> ResolvedModel:
     return ResolvedModel(path, "gguf", path.stem)
 
 
-def _from_hub(repo_id: str, *, gguf_file: str | None, revision: str | None = None, token=None,
-              cache_dir=None, local_files_only: bool | None = None) -> ResolvedModel:
+def _from_hub(
+    repo_id: str,
+    *,
+    gguf_file: str | None,
+    revision: str | None = None,
+    token=None,
+    cache_dir=None,
+    local_files_only: bool | None = None,
+) -> ResolvedModel:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
     try:
         if gguf_file is not None:
-            file = hf_hub_download(repo_id, gguf_file, revision=revision, token=token, cache_dir=cache_dir,
-                                   local_files_only=offline)
+            file = hf_hub_download(
+                repo_id,
+                gguf_file,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=offline,
+            )
             return ResolvedModel(Path(file), "gguf", repo_id)
-        folder = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                   allow_patterns=_HUB_PATTERNS, local_files_only=offline)
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=_HUB_PATTERNS,
+            local_files_only=offline,
+        )
     except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"no model {repo_id!r} on the Hugging Face Hub (or it is private and no token was given)") from e
+        raise FileNotFoundError(
+            f"no model {repo_id!r} on the Hugging Face Hub (or it is private and no token was given)"
+        ) from e
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise FileNotFoundError(
             f"could not get {repo_id!r} from the Hugging Face Hub: it is not in the local cache and the Hub cannot be "
@@ -105,5 +132,7 @@ def _from_hub(repo_id: str, *, gguf_file: str | None, revision: str | None = Non
         ) from e
     path = Path(folder)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the Hub repository {repo_id!r} has no config.json; for a GGUF repository pass gguf_file=")
+        raise FileNotFoundError(
+            f"the Hub repository {repo_id!r} has no config.json; for a GGUF repository pass gguf_file="
+        )
     return ResolvedModel(path, "hf_dir", repo_id)

@@ -1,0 +1,181 @@
+"""AutoModelForCausalLM: build the architecture on the meta device and load the weights straight into it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .generation.config import GenerationConfig
+from .loading import gguf_model
+from .loading.resolve import ResolvedModel, resolve_model
+from .loading.safetensors_weights import read_safetensors
+from .modeling import CausalLM
+from .models import model_class
+from .models.config import ModelConfig
+from .quantization import check_quantization
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float": torch.float32,
+}
+# Keywords transformers accepts that change nothing here: we never run code from a model repository, and
+# attention always goes through PyTorch's scaled_dot_product_attention.
+NO_EFFECT = {"trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "use_safetensors"}
+HUB_OPTIONS = {"revision", "token", "cache_dir", "local_files_only"}
+
+
+def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
+    """float32 unless asked otherwise (the guide's default); "auto" takes the checkpoint's own dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"torch_dtype {dtype} is not supported (float32, bfloat16 or float16)")
+        return dtype
+    if dtype == "auto":
+        return DTYPES.get(str(config.torch_dtype).replace("torch.", ""), torch.float32)
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise ValueError(f"torch_dtype {dtype!r} is not supported: use float32, bfloat16, float16 or 'auto'")
+
+
+def resolve_device(device_map) -> torch.device:
+    """``device_map`` as one device: "auto" is the GPU when there is one; a {"": device} map is accepted."""
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if set(device_map) != {""} or len(devices) != 1:
+            raise ValueError("device_map as a dict must put the whole model on one device: {'': device}")
+        device_map = devices.pop()
+    if device_map is None or device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        device_map = f"cuda:{device_map}"
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device_map {device_map!r} is not a device: use 'auto', 'cpu' or 'cuda'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device_map asks for CUDA but no CUDA device is available; use 'cpu' or 'auto'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported: use 'cpu' or 'cuda'")
+    return device
+
+
+def load_state(
+    model: CausalLM,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    source: str,
+) -> None:
+    """Assign every parameter exactly once, converting each tensor as it arrives (no second full copy)."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer old checkpoints saved; we compute it
+        if name not in params:
+            raise ValueError(f"{source}: unexpected tensor {name!r} for a {model.config.model_type} model")
+        if name in loaded:
+            raise ValueError(f"{source}: tensor {name!r} appears twice")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(params[name].shape)}"
+            )
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        loaded.add(name)
+    if model.config.tie_word_embeddings and "lm_head.weight" not in loaded:
+        model.tie_weights()
+        loaded.add("lm_head.weight")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{source}: the checkpoint lacks {shown}")
+
+
+class AutoModelForCausalLM:
+    """``AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=..., device_map=...)`` as in transformers."""
+
+    @staticmethod
+    def from_pretrained(
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
+        *,
+        torch_dtype=None,
+        dtype=None,
+        device_map=None,
+        quantization_config=None,
+        gguf_file: str | None = None,
+        **kwargs,
+    ) -> CausalLM:
+        unknown = sorted(set(kwargs) - NO_EFFECT - HUB_OPTIONS)
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError("pass either torch_dtype or dtype, not both")
+        check_quantization(quantization_config)
+        resolved = resolve_model(
+            pretrained_model_name_or_path,
+            gguf_file=gguf_file,
+            **{k: v for k, v in kwargs.items() if k in HUB_OPTIONS},
+        )
+        return load_model(resolved, torch_dtype if torch_dtype is not None else dtype, device_map)
+
+
+def load_model(resolved: ResolvedModel, dtype=None, device_map=None) -> CausalLM:
+    device = resolve_device(device_map)
+    if resolved.kind == "gguf":
+        reader = gguf_model.open_gguf(resolved.path)
+        raw = gguf_model.gguf_config(reader, resolved.path)
+        config = ModelConfig.from_dict(raw)
+        tensors = gguf_model.read_gguf_tensors(reader, raw, resolved.path)
+        generation_config = None
+    else:
+        config = ModelConfig.from_file(resolved.path / "config.json")
+        tensors = read_safetensors(resolved.path)
+        has_generation_config = (resolved.path / "generation_config.json").is_file()
+        generation_config = GenerationConfig.from_pretrained(resolved.path) if has_generation_config else None
+    torch_dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    with _progress(f"loading {resolved.name}", enabled=_is_large(resolved.path)):
+        load_state(model, tensors, torch_dtype, device, str(resolved.path))
+    if generation_config is not None:
+        model.generation_config = generation_config
+    model.name_or_path = str(resolved.path)
+    return model.eval()
+
+
+def _is_large(path: Path) -> bool:
+    size = (
+        path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    )
+    return size > 200_000_000
+
+
+class _progress:
+    """A one-line note on a terminal while slow work runs; silent when stderr is not a terminal."""
+
+    def __init__(self, message: str, enabled: bool):
+        self.message, self.enabled = message, enabled and sys.stderr.isatty()
+
+    def __enter__(self):
+        if self.enabled:
+            sys.stderr.write(f"{self.message}...")
+            sys.stderr.flush()
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()

@@ -1,0 +1,46 @@
+"""Tensors from a Hugging Face directory: one model.safetensors or shards listed in model.safetensors.index.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory} lacks weight shards named in {INDEX}: {', '.join(missing)}")
+        return files
+    if (directory / SINGLE).is_file():
+        return [directory / SINGLE]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise ValueError(
+            f"{directory} holds only pickled PyTorch weights (.bin/.pt), which chatlm never loads (unpickling can run "
+            "code); convert them to safetensors"
+        )
+    raise FileNotFoundError(f"{directory} has no {SINGLE} nor {INDEX}")
+
+
+def read_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, read one at a time through a memory map."""
+    for path in safetensors_files(directory):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({e})") from e

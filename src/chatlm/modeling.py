@@ -1,0 +1,144 @@
+"""What every causal LM shares: the transformers-style forward call, generate, and the model's vital statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .generation.cache import KVCache
+from .generation.config import GenerationConfig
+from .models.config import ModelConfig
+from .models.layers import attention_masks, rope_cos_sin, rope_inverse_frequencies
+
+
+@dataclass
+class CausalLMOutput:
+    """The forward call's result: ``logits`` (batch, sequence, vocab) and the cache it filled, if any."""
+
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return (self.logits, self.past_key_values)[key]
+
+
+class CausalLM(nn.Module):
+    """Base of the architectures. A subclass builds ``model`` and ``lm_head`` with Hugging Face parameter names
+    and implements ``hidden_states``; everything else (masks, positions, cache, generate) lives here."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.generation_config = GenerationConfig.from_model_config(config)
+        self.name_or_path = ""
+        self._inv_freq: torch.Tensor | None = None
+
+    def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- the forward call -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """Logits for ``input_ids`` (B, T). ``attention_mask`` (B, past+T) marks real tokens; ``past_key_values`` is
+        a cache to read and extend (``use_cache=True`` makes a new one); ``logits_to_keep=n`` computes only the
+        last n positions' logits."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, sequence) tensor of token ids")
+        batch, length = input_ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(batch, length)
+        offset = cache.offset if cache is not None else 0
+        if cache is not None:
+            cache.reserve(offset + length)
+        padding = None
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, offset + length):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, offset + length)}"
+                )
+            if not bool(attention_mask.all()):
+                padding = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + length, device=input_ids.device).expand(
+                batch, length
+            )
+        cos, sin = rope_cos_sin(self._rope_frequencies(input_ids.device), position_ids, self.dtype)
+        masks = attention_masks(
+            padding, length, offset, self.config.sliding_window, set(self.config.layer_types)
+        )
+        hidden = self.hidden_states(input_ids, cos, sin, masks, cache)
+        if cache is not None:
+            cache.advance(length)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self.lm_head(hidden), past_key_values=cache)
+
+    def _rope_frequencies(self, device: torch.device) -> torch.Tensor:
+        # Computed on first use: the model is built on the meta device, where no real buffer can be made.
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inverse_frequencies(self.config).to(device)
+        return self._inv_freq
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        c = self.config
+        return KVCache(
+            c.num_hidden_layers,
+            batch_size,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+            self.dtype,
+            self.device,
+        )
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Generate continuations of ``input_ids``, as transformers' ``generate`` (see chatlm.generation)."""
+        from .generation.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    # --- vital statistics -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each (tied embeddings count once)."""
+        skip = (
+            {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+            if exclude_embeddings
+            else set()
+        )
+        return sum(
+            p.numel()
+            for p in self.parameters()
+            if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by parameters (and buffers): what the weights cost in memory."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())
+        if return_buffers:
+            total += sum(b.numel() * b.element_size() for b in self.buffers())
+        return total
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,91 @@
+"""The Llama family: llama (GQA, llama3 rope scaling, tied embeddings), mistral (sliding window), qwen2 (qkv bias)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..generation.cache import KVCache
+from ..modeling import CausalLM
+from .config import ModelConfig
+from .layers import GatedMLP, RMSNorm, apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, qkv_bias: bool):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.attention_type = config.layer_types[layer_index]
+        hidden, q_dim, kv_dim = (
+            config.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
+        self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, masks, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = (
+            self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        )  # (B, heads, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        mask = masks[self.attention_type]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, qkv_bias: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index, qkv_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, x, cos, sin, masks, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, qkv_bias: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, qkv_bias) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    # Qwen2 is Llama with biases on q, k and v; Mistral is Llama with a sliding window (from its config).
+    QKV_BIAS = {"qwen2": True}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        qkv_bias = self.QKV_BIAS.get(config.model_type, config.attention_bias)
+        self.model = LlamaModel(config, qkv_bias)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, masks, cache)
+        return self.model.norm(x)
