@@ -1,0 +1,103 @@
+"""Tiny random-weight Hugging Face checkpoints, written by transformers itself, for parity tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! How are you today? I am fine, thank you.",
+    "Chatting with models on your own hardware is fun and fast.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Café, naïve, 你好, 🙂.",
+    "user assistant system: tell me a story about a robot who loves tea.",
+] * 4
+
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# What distinguishes each family, plus a few variants of llama's options.
+VARIANTS = {
+    "llama": ("llama", {}),
+    "llama_tied_llama3": (
+        "llama",
+        dict(
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
+    "llama_mha_linear": ("llama", dict(num_key_value_heads=4, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral": ("mistral", dict(sliding_window=8, head_dim=16)),
+    "qwen2": ("qwen2", dict(use_sliding_window=False)),
+}
+
+
+def train_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def write_tokenizer(path: Path) -> int:
+    tok = train_tokenizer()
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "chat_template": CHATML,
+        "model_max_length": 256,
+        "clean_up_tokenization_spaces": False,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.get_vocab_size()
+
+
+def write_checkpoint(path: Path, variant: str, seed: int = 0, **overrides) -> Path:
+    """A random model of the given variant, saved with save_pretrained (config.json + model.safetensors +
+    generation_config.json), with a tokenizer whose special ids are 0 (pad), 1 (bos), 2 (eos)."""
+    import transformers
+
+    model_type, options = VARIANTS[variant]
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(path)
+    config_class = transformers.AutoConfig.for_model(model_type).__class__
+    config = config_class(**{**BASE, "vocab_size": vocab, **options, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # wider weights than the init's, so that logits differ enough for stable argmaxes
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return path
