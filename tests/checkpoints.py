@@ -49,7 +49,10 @@ VARIANTS = {
             },
         ),
     ),
-    "llama_mha_linear": ("llama", dict(num_key_value_heads=4, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama_mha_linear": (
+        "llama",
+        dict(num_key_value_heads=4, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
     "mistral": ("mistral", dict(sliding_window=8, head_dim=16)),
     "qwen2": ("qwen2", dict(use_sliding_window=False)),
 }
@@ -60,7 +63,10 @@ def train_tokenizer() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     return tok

@@ -38,7 +38,9 @@ def test_prefill_and_cached_decode_logits(pair):
             token = hf_out.logits[:, -1:].argmax(-1)
             hf_out = theirs(token, past_key_values=hf_cache, use_cache=True)
             our_logits = ours(token, past_key_values=cache).logits
-            torch.testing.assert_close(our_logits, hf_out.logits, atol=ATOL, rtol=0, msg=f"decode step {step}")
+            torch.testing.assert_close(
+                our_logits, hf_out.logits, atol=ATOL, rtol=0, msg=f"decode step {step}"
+            )
 
 
 def test_forward_without_cache_matches_cached(pair):
@@ -47,7 +49,10 @@ def test_forward_without_cache_matches_cached(pair):
     with torch.no_grad():
         full = ours(ids).logits
         cache = ours.new_cache(1, 4)  # too small on purpose: the cache must grow
-        parts = [ours(ids[:, :5], past_key_values=cache).logits, ours(ids[:, 5:9], past_key_values=cache).logits]
+        parts = [
+            ours(ids[:, :5], past_key_values=cache).logits,
+            ours(ids[:, 5:9], past_key_values=cache).logits,
+        ]
         parts += [ours(ids[:, i : i + 1], past_key_values=cache).logits for i in range(9, 12)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=ATOL, rtol=0)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
@@ -140,42 +139,30 @@ def load_model(resolved: ResolvedModel, dtype=None, device_map=None) -> CausalLM
         raw = gguf_model.gguf_config(reader, resolved.path)
         config = ModelConfig.from_dict(raw)
         tensors = gguf_model.read_gguf_tensors(reader, raw, resolved.path)
+        total = len(reader.tensors)
         generation_config = None
     else:
         config = ModelConfig.from_file(resolved.path / "config.json")
         tensors = read_safetensors(resolved.path)
+        total = None
         has_generation_config = (resolved.path / "generation_config.json").is_file()
         generation_config = GenerationConfig.from_pretrained(resolved.path) if has_generation_config else None
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = model_class(config)(config)
-    with _progress(f"loading {resolved.name}", enabled=_is_large(resolved.path)):
-        load_state(model, tensors, torch_dtype, device, str(resolved.path))
+    load_state(
+        model, _progress(tensors, f"loading {resolved.name}", total), torch_dtype, device, str(resolved.path)
+    )
     if generation_config is not None:
         model.generation_config = generation_config
     model.name_or_path = str(resolved.path)
     return model.eval()
 
 
-def _is_large(path: Path) -> bool:
-    size = (
-        path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    )
-    return size > 200_000_000
+def _progress(items, description: str, total: int | None):
+    """A progress bar on a terminal; nothing when stderr is not one (scripts, CI, pipes)."""
+    if not sys.stderr.isatty():
+        return items
+    from tqdm.auto import tqdm
 
-
-class _progress:
-    """A one-line note on a terminal while slow work runs; silent when stderr is not a terminal."""
-
-    def __init__(self, message: str, enabled: bool):
-        self.message, self.enabled = message, enabled and sys.stderr.isatty()
-
-    def __enter__(self):
-        if self.enabled:
-            sys.stderr.write(f"{self.message}...")
-            sys.stderr.flush()
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+    return tqdm(items, desc=description, total=total, unit=" tensors", leave=False)

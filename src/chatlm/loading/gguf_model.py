@@ -116,8 +116,11 @@ def dequantize(tensor) -> np.ndarray:
     import gguf
 
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return np.asarray(data, dtype=np.float32).reshape(shape)
+    data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(
+        shape
+    )
+    # Unquantized tensors come back as read-only views of the memory map; torch wants memory it may own.
+    return data if data.flags.writeable else data.copy()
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""The command line: ``chatlm chat [MODEL]`` (interactive) and ``chatlm run [MODEL] PROMPT`` (one shot)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatlm", description="Chat with open models on your own hardware.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--system", help="a system message to start the chat with")
+        p.add_argument(
+            "--max-new-tokens", type=_positive_int, default=512, help="reply length limit (default 512)"
+        )
+        p.add_argument(
+            "--temperature",
+            type=_non_negative_float,
+            default=0.0,
+            help="sampling temperature; 0 decodes greedily (default 0)",
+        )
+        p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+        p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+        p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+
+    chat = sub.add_parser("chat", help="an interactive chat (/reset starts over, /exit quits)")
+    chat.add_argument(
+        "model", nargs="?", help="local directory, .gguf file or Hub id (default: the bundled model)"
+    )
+    common(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    run = sub.add_parser("run", help="answer one prompt and exit (for scripts)")
+    run.add_argument(
+        "model_and_prompt",
+        nargs="+",
+        metavar="[MODEL] PROMPT",
+        help="an optional model, then the prompt ('-' reads it from standard input)",
+    )
+    common(run)
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+class Session:
+    """A loaded model and tokenizer plus the chat so far."""
+
+    def __init__(self, model_ref: str | None, args: argparse.Namespace):
+        from .auto import AutoModelForCausalLM
+        from .tokenizer import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_ref)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_ref, torch_dtype=args.dtype, device_map=args.device
+        )
+        if self.tokenizer.chat_template is None:
+            raise ValueError(
+                f"{model_ref or 'the model'} has no chat template; use `chatlm run` with plain text"
+            )
+        self.system, self.args = args.system, args
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, user_text: str, on_text: Callable[[str], None]) -> str:
+        from .generation.streamers import TextStreamer
+
+        self.messages.append({"role": "user", "content": user_text})
+        ids = self.tokenizer.apply_chat_template(
+            self.messages, add_generation_prompt=True, return_tensors="pt"
+        )
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        streamer = _CallbackStreamer(self.tokenizer, on_text, TextStreamer)
+        sampling = self.args.temperature > 0
+        options = {"do_sample": sampling}
+        if sampling:
+            options.update(temperature=self.args.temperature, top_p=self.args.top_p or 1.0)
+        if self.args.seed is not None:
+            from .utils import set_seed
+
+            set_seed(self.args.seed)
+        output = self.model.generate(
+            ids.to(self.model.device), max_new_tokens=self.args.max_new_tokens, streamer=streamer, **options
+        )
+        text = self.tokenizer.decode(output[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        self.messages.append({"role": "assistant", "content": text})
+        return text
+
+
+def _CallbackStreamer(tokenizer, on_text, base):
+    class Streamer(base):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            on_text(text)
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    session = Session(args.model, args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chatlm: type a message, /reset to start over, /exit to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("(chat reset)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}: /reset or /exit", file=sys.stderr)
+            continue
+        try:
+            session.reply(text, _write)
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+            session.messages.pop()
+            continue
+        print(flush=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    parts = args.model_and_prompt
+    if len(parts) > 2:
+        raise ValueError("give at most a model and one prompt (quote the prompt)")
+    model_ref, prompt = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    session = Session(model_ref, args)
+    session.reply(prompt, _write)
+    print(flush=True)
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        # A bad model path, a corrupt file or a bad option: one line, no traceback (CHATLM_DEBUG=1 shows it).
+        if os.environ.get("CHATLM_DEBUG"):
+            raise
+        print(f"chatlm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,230 @@
+"""Loading: model references, sharded and corrupt files, GGUF round trip, dtypes, devices and statistics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from chatlm import BitsAndBytesConfig, QuantizationConfig
+from chatlm.auto import AutoModelForCausalLM
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tiny_checkpoints):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoints["llama"], dtype=torch.float32
+    ).eval()
+
+
+def sample_ids(n=12, seed=0):
+    return torch.randint(3, 300, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path, tiny_checkpoints, hf_llama):
+    sharded = tmp_path / "sharded"
+    hf_llama.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    a = AutoModelForCausalLM.from_pretrained(sharded)
+    b = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    x = sample_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x).logits, b(x).logits, atol=0, rtol=0)
+
+
+def test_vital_statistics_match_transformers(tiny_checkpoints, hf_llama):
+    ours = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    assert ours.num_parameters() == hf_llama.num_parameters()
+    # transformers also counts its rotary tables, which we compute on the fly rather than keep as buffers
+    assert ours.get_memory_footprint() == hf_llama.get_memory_footprint(return_buffers=False)
+    assert ours.device == torch.device("cpu") and ours.dtype == torch.float32
+    tied = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama_tied_llama3"])
+    hf_tied = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama_tied_llama3"])
+    assert tied.num_parameters() == hf_tied.num_parameters()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", torch.float16])
+def test_half_precision_close_to_transformers(tiny_checkpoints, dtype):
+    ours = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], torch_dtype=dtype)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoints["llama"], dtype=torch_dtype
+    ).eval()
+    assert ours.dtype == torch_dtype
+    x = sample_ids()
+    with torch.no_grad():
+        a, b = ours(x).logits.float(), theirs(x).logits.float()
+    assert (a - b).abs().max() < 0.1 * b.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_dtype_auto_reads_the_checkpoint(tmp_path, tiny_checkpoints):
+    path = tmp_path / "m"
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(config))
+    assert AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto").dtype == torch.bfloat16
+    assert AutoModelForCausalLM.from_pretrained(path).dtype == torch.float32
+
+
+def test_gguf_round_trip_equals_hf_directory(tmp_path, tiny_checkpoints, hf_llama):
+    """Write the tiny llama to GGUF as llama.cpp's converter does (q/k rows permuted), load both, compare."""
+    import gguf
+
+    config = hf_llama.config
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, tensor in hf_llama.state_dict().items():
+        w = tensor.numpy().astype(np.float32)
+        if name in names:
+            writer.add_tensor(names[name], w)
+            continue
+        _, _, index, rest = name.split(".", 3)
+        module = rest.rsplit(".", 1)[0]
+        if module == "self_attn.q_proj":
+            w = permute(w, config.num_attention_heads)
+        elif module == "self_attn.k_proj":
+            w = permute(w, config.num_key_value_heads)
+        writer.add_tensor(f"blk.{index}.{layer[module]}.weight", w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours = AutoModelForCausalLM.from_pretrained(path)
+    x = sample_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf_llama(x).logits, atol=1e-5, rtol=0)
+    assert ours.config.num_key_value_heads == config.num_key_value_heads
+
+
+def test_bundled_gguf_weights_equal_transformers_dequantized(bundled_model, shared_dir):
+    """The reference greedy outputs come from transformers' float32 dequantization of this file: the first
+    chat's prompt logits decide its first token."""
+    ref = json.loads((shared_dir / "reference" / "smollm2_greedy.json").read_text())
+    chat = next(iter(ref["chats"].values()))
+    with torch.no_grad():
+        logits = bundled_model(torch.tensor([chat["prompt_ids"]])).logits
+    assert logits.argmax(-1)[0, -1].item() == chat["generated_ids"][0]
+    assert bundled_model.config.tie_word_embeddings and bundled_model.config.num_key_value_heads == 3
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_hub_id_offline_names_the_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="someorg/some-model"):
+        AutoModelForCausalLM.from_pretrained("someorg/some-model")
+
+
+def test_truncated_safetensors(tmp_path, tiny_checkpoints):
+    path = tmp_path / "m"
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_pickled_weights_are_refused(tmp_path, tiny_checkpoints):
+    path = tmp_path / "m"
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickled"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_gguf_with_bad_magic(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + bytes(64))
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_unsupported_architecture_and_missing_keys(tmp_path, tiny_checkpoints):
+    path = tmp_path / "m"
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match="mamba"):
+        AutoModelForCausalLM.from_pretrained(path)
+    del config["hidden_size"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hidden_size"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_checkpoint_that_does_not_fit_the_config(tmp_path, tiny_checkpoints):
+    path = tmp_path / "m"
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ValueError, match="shape"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}, ValueError, "4-bit"),
+        ({"quantization_config": QuantizationConfig(load_in_8bit=True)}, ValueError, "8-bit"),
+        ({"quantization_config": "int4"}, TypeError, "quantization_config"),
+        ({"torch_dtype": "float64"}, ValueError, "float64"),
+        ({"device_map": "tpu"}, ValueError, "tpu"),
+        ({"not_an_option": True}, TypeError, "not_an_option"),
+    ],
+)
+def test_bad_load_options(tiny_checkpoints, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], **kwargs)
+
+
+def test_bitsandbytes_config_rejects_unknown_fields():
+    with pytest.raises(TypeError, match="bogus"):
+        BitsAndBytesConfig(load_in_4bit=True, bogus=1)
