@@ -49,10 +49,11 @@ def resolve_model(
     """Find a model's files.
 
     ``ref`` is a local Hugging Face directory, a local ``.gguf`` file, a Hub id (``org/name``) looked up in the
-    huggingface_hub cache and downloaded if needed, or ``None`` for the bundled model. ``gguf_file`` names a GGUF
+    huggingface_hub cache and downloaded if needed, or ``None`` (or ``"SmolLM2-135M-Instruct"``) for the bundled
+    model. ``gguf_file`` names a GGUF
     file inside a directory or Hub repository, as in transformers.
     """
-    if ref is None:
+    if ref is None or (ref == BUNDLED_NAME and not Path(ref).exists()):
         return ResolvedModel(bundled_model_path(), "gguf", BUNDLED_NAME)
     if not isinstance(ref, (str, os.PathLike)):
         raise TypeError(f"a model reference must be a path or a Hub id, not {type(ref).__name__}")
