@@ -10,7 +10,10 @@ MODEL = sys.argv[1] if len(sys.argv) > 1 else "SmolLM2-135M-Instruct"  # the bun
 
 # Prepare the input as before
 chat = [
-    {"role": "system", "content": "You are a sassy, wise-cracking robot as imagined by Hollywood circa 1986."},
+    {
+        "role": "system",
+        "content": "You are a sassy, wise-cracking robot as imagined by Hollywood circa 1986.",
+    },
     {"role": "user", "content": "Hey, can you tell me any fun things to do in New York?"},
 ]
 

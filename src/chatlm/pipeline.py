@@ -14,6 +14,7 @@ from .modeling import CausalLM
 TASKS = ("text-generation",)
 # What transformers' text-generation pipeline uses when the model brings no generation_config.json of its own.
 PIPELINE_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None}
 # Options of the call that shape the prompt or the output rather than decoding.
 CALL_OPTIONS = {
     "return_full_text",
@@ -52,6 +53,9 @@ class TextGenerationPipeline:
             )
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
         single, items = _as_batch(text_inputs)
+        if kwargs.get("do_sample") is False:
+            # Greedy on request: the pipeline's own sampling defaults do not apply (and are not worth a warning).
+            kwargs = {**{k: v for k, v in NEUTRAL_SAMPLING.items() if k not in kwargs}, **kwargs}
         config = self.generation_config.update(**kwargs)
         batch_size = options.get("batch_size") or self.batch_size
         results = []
@@ -77,6 +81,7 @@ class TextGenerationPipeline:
                     add_generation_prompt=not cont,
                     continue_final_message=cont,
                     tokenize=True,
+                    return_dict=False,
                     tools=options.get("tools"),
                     documents=options.get("documents"),
                 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,15 @@ from chatlm.loading.resolve import resolve_model
 VERY_LARGE_INTEGER = int(1e30)
 LARGE_INTEGER = int(1e20)
 
-SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+SPECIAL_TOKENS_ATTRIBUTES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
 
 
@@ -99,10 +108,20 @@ def _token_content(token) -> str | None:
 
 def _added_token(token, *, special: bool) -> AddedToken:
     if isinstance(token, AddedToken):
-        return AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip,
-                          normalized=token.normalized, special=special or token.special)
+        return AddedToken(
+            token.content,
+            single_word=token.single_word,
+            lstrip=token.lstrip,
+            rstrip=token.rstrip,
+            normalized=token.normalized,
+            special=special or token.special,
+        )
     if isinstance(token, dict):
-        fields = {k: v for k, v in token.items() if k in ("single_word", "lstrip", "rstrip", "normalized", "special")}
+        fields = {
+            k: v
+            for k, v in token.items()
+            if k in ("single_word", "lstrip", "rstrip", "normalized", "special")
+        }
         fields["special"] = special or fields.get("special", False)
         return AddedToken(token["content"], **fields)
     return AddedToken(str(token), special=special)
@@ -141,7 +160,7 @@ class PreTrainedTokenizerFast:
             padding_side = padding_side or saved_padding.get("direction")
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
-        # Truncation is set on the backend around each call that asks for it; the lock keeps calls apart.
+        # Truncation is set on the backend for the calls that ask for it; the lock keeps other calls out.
         self._lock = threading.Lock()
 
         self.name_or_path = str(name_or_path)
@@ -165,20 +184,25 @@ class PreTrainedTokenizerFast:
         extras = list(extra_special_tokens or additional_special_tokens or [])
         self._special: dict[str, str | None] = {name: _token_content(tok) for name, tok in raw.items()}
         self._extra_special: list[str] = [_token_content(tok) for tok in extras]
-        self._register_added_tokens(added_tokens_decoder or {}, [t for t in raw.values() if t is not None] + extras)
+        self._register_added_tokens(
+            added_tokens_decoder or {}, [t for t in raw.values() if t is not None] + extras
+        )
         if add_bos_token is not None or add_eos_token is not None:
             self._set_bos_eos(bool(add_bos_token), bool(add_eos_token))
 
     # ----------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike | None = None, *, gguf_file: str | None = None,
-                        **kwargs) -> PreTrainedTokenizerFast:
+    def from_pretrained(
+        cls, ref: str | os.PathLike | None = None, *, gguf_file: str | None = None, **kwargs
+    ) -> PreTrainedTokenizerFast:
         """Load the tokenizer of a model: a local directory, a ``.gguf`` file, a Hub id, or None (bundled model).
 
         Other keyword arguments override the saved configuration (``padding_side="left"``, ``pad_token=...``,
         ``chat_template=...``); arguments about loading the model itself are ignored.
         """
+        if "use_auth_token" in kwargs:  # the old name of token=
+            kwargs.setdefault("token", kwargs.pop("use_auth_token"))
         hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
         overrides = {k: v for k, v in kwargs.items() if k in _OVERRIDES or k.endswith("_token")}
         local = Path(ref).expanduser() if ref is not None else None
@@ -198,6 +222,7 @@ class PreTrainedTokenizerFast:
             "eos_token": info.eos_token,
             "unk_token": info.unk_token,
             "pad_token": info.pad_token,
+            "mask_token": info.mask_token,
             "chat_template": info.chat_template,
             **overrides,
         }
@@ -226,7 +251,9 @@ class PreTrainedTokenizerFast:
         templates = _chat_template_files(directory)
         if templates:
             config["chat_template"] = templates["default"] if list(templates) == ["default"] else templates
-        settings = {k: v for k, v in config.items() if k in _OVERRIDES or (k.endswith("_token") and _is_token(v))}
+        settings = {
+            k: v for k, v in config.items() if k in _OVERRIDES or (k.endswith("_token") and _is_token(v))
+        }
         settings.update(overrides)
         return cls(Tokenizer.from_file(str(tokenizer_file)), name_or_path=name, **settings)
 
@@ -251,10 +278,13 @@ class PreTrainedTokenizerFast:
         bos, eos = self.bos_token, self.eos_token
         add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
         single = " ".join([*([f"{bos}:0"] if add_bos else []), "$A:0", *([f"{eos}:0"] if add_eos else [])])
-        pair = " ".join([single, *([f"{bos}:1"] if add_bos else []), "$B:1", *([f"{eos}:1"] if add_eos else [])])
+        pair = " ".join(
+            [single, *([f"{bos}:1"] if add_bos else []), "$B:1", *([f"{eos}:1"] if add_eos else [])]
+        )
         specials = [(t, self.convert_tokens_to_ids(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        self._tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                                       special_tokens=specials)
+        self._tokenizer.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=specials
+        )
 
     # ------------------------------------------------------------------------------ special tokens
 
@@ -337,8 +367,10 @@ class PreTrainedTokenizerFast:
         return [self._tokenizer.id_to_token(i) for i in ids if i not in skip]
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
-                f"padding_side={self.padding_side!r}, special_tokens={self.special_tokens_map})")
+        return (
+            f"{type(self).__name__}(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+            f"padding_side={self.padding_side!r}, special_tokens={self.special_tokens_map})"
+        )
 
     # ------------------------------------------------------------------------------------ encoding
 
@@ -363,17 +395,16 @@ class PreTrainedTokenizerFast:
         texts = list(text) if batched else [text]
         pad_to, truncate_to = self._lengths(padding, truncation, max_length)
 
-        if truncate_to is not None:
-            with self._lock:
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
+        with self._lock:
+            if truncate_to is not None:
                 self._tokenizer.enable_truncation(truncate_to, direction=self.truncation_side)
-                try:
-                    encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
-                finally:
-                    self._tokenizer.no_truncation()
-        elif batched:
-            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
-        else:
-            encodings = [self._tokenizer.encode(texts[0], add_special_tokens=add_special_tokens)]
+            try:
+                encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+            finally:
+                self._tokenizer.no_truncation()
 
         rows = [list(e.ids) for e in encodings]
         masks = [[1] * len(r) for r in rows]
@@ -382,7 +413,6 @@ class PreTrainedTokenizerFast:
             target = max((len(r) for r in rows), default=0) if pad_to == "longest" else pad_to
             if pad_to_multiple_of:
                 target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-            side = padding_side or self.padding_side
             pad_id = self.pad_token_id
             for row, mask, type_ids in zip(rows, masks, types):
                 extra = target - len(row)
@@ -415,14 +445,18 @@ class PreTrainedTokenizerFast:
             limit = max_length if max_length is not None else self.model_max_length
             pad_to = None if limit > LARGE_INTEGER else limit
         else:
-            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', not {padding!r}")
+            raise ValueError(
+                f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', not {padding!r}"
+            )
         if truncation in (False, None, "do_not_truncate"):
             truncate_to = None
         elif truncation is True or truncation in ("longest_first", "only_first"):
             limit = max_length if max_length is not None else self.model_max_length
             truncate_to = None if limit > LARGE_INTEGER else limit
         else:
-            raise ValueError(f"truncation must be True, False, 'longest_first' or 'only_first', not {truncation!r}")
+            raise ValueError(
+                f"truncation must be True, False, 'longest_first' or 'only_first', not {truncation!r}"
+            )
         if pad_to is not None and self.pad_token_id is None:
             raise ValueError(
                 "asked to pad but the tokenizer has no padding token: set one, e.g. "
@@ -430,19 +464,38 @@ class PreTrainedTokenizerFast:
             )
         return pad_to, truncate_to
 
-    def encode(self, text: str, add_special_tokens: bool = True, padding: bool | str = False,
-               truncation: bool | str = False, max_length: int | None = None, return_tensors: str | None = None):
+    def encode(
+        self,
+        text: str,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+    ):
         """The ids of one text: a list, or a (1, T) tensor with ``return_tensors="pt"``."""
-        return self(text, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
-                    max_length=max_length, return_tensors=return_tensors, return_attention_mask=False)["input_ids"]
+        return self(
+            text,
+            add_special_tokens=add_special_tokens,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_tensors=return_tensors,
+            return_attention_mask=False,
+        )["input_ids"]
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).tokens
 
     # ------------------------------------------------------------------------------------ decoding
 
-    def decode(self, token_ids, skip_special_tokens: bool = False,
-               clean_up_tokenization_spaces: bool | None = None, **kwargs) -> str | list[str]:
+    def decode(
+        self,
+        token_ids,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs,
+    ) -> str | list[str]:
         """Text of a sequence of ids (list, int, array or tensor); a batch of sequences gives a list of texts."""
         ids = _to_ids(token_ids)
         if isinstance(ids, int):
@@ -450,15 +503,26 @@ class PreTrainedTokenizerFast:
         if ids and isinstance(ids[0], list):
             return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
         text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean = (
+            self.clean_up_tokenization_spaces
+            if clean_up_tokenization_spaces is None
+            else clean_up_tokenization_spaces
+        )
         # Like transformers, never clean up after BPE, where it would eat real spaces before punctuation.
         if clean and type(self._tokenizer.model).__name__ != "BPE":
             text = clean_up_tokenization(text)
         return text
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False,
-                     clean_up_tokenization_spaces: bool | None = None, **kwargs) -> list[str]:
-        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in _to_ids(sequences)]
+    def batch_decode(
+        self,
+        sequences,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs,
+    ) -> list[str]:
+        return [
+            self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in _to_ids(sequences)
+        ]
 
     # ------------------------------------------------------------------------------ chat templates
 
@@ -528,8 +592,15 @@ class PreTrainedTokenizerFast:
         text = rendered if batched else rendered[0]
         if not tokenize:
             return text
-        out = self(text, add_special_tokens=False, padding=padding, truncation=truncation, max_length=max_length,
-                   return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        out = self(
+            text,
+            add_special_tokens=False,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_tensors=return_tensors,
+            **(tokenizer_kwargs or {}),
+        )
         return out if return_dict else out["input_ids"]
 
 
@@ -541,14 +612,24 @@ class AutoTokenizer:
         raise OSError("AutoTokenizer is not meant to be instantiated: use AutoTokenizer.from_pretrained(...)")
 
     @staticmethod
-    def from_pretrained(ref: str | os.PathLike | None = None, *, gguf_file: str | None = None,
-                        **kwargs) -> PreTrainedTokenizerFast:
+    def from_pretrained(
+        ref: str | os.PathLike | None = None, *, gguf_file: str | None = None, **kwargs
+    ) -> PreTrainedTokenizerFast:
         return PreTrainedTokenizerFast.from_pretrained(ref, gguf_file=gguf_file, **kwargs)
+
 
 # tokenizer_config.json keys (and from_pretrained keywords) that become constructor arguments.
 _OVERRIDES = {
-    "chat_template", "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces",
-    "added_tokens_decoder", "extra_special_tokens", "additional_special_tokens", "add_bos_token", "add_eos_token",
+    "chat_template",
+    "model_max_length",
+    "padding_side",
+    "truncation_side",
+    "clean_up_tokenization_spaces",
+    "added_tokens_decoder",
+    "extra_special_tokens",
+    "additional_special_tokens",
+    "add_bos_token",
+    "add_eos_token",
 }
 
 
@@ -557,7 +638,11 @@ def _is_tokenizer_dir(path: Path) -> bool:
 
 
 def _is_token(value) -> bool:
-    return value is None or isinstance(value, (str, AddedToken)) or (isinstance(value, dict) and "content" in value)
+    return (
+        value is None
+        or isinstance(value, (str, AddedToken))
+        or (isinstance(value, dict) and "content" in value)
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -587,10 +672,23 @@ def _chat_template_files(directory: Path) -> dict[str, str]:
 
 def clean_up_tokenization(text: str) -> str:
     """Undo the spaces WordPiece-style decoding puts before punctuation and English contractions."""
-    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for spaced, joined in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(spaced, joined)
     return text
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class StreamingDetokenizer:
@@ -599,7 +697,9 @@ class StreamingDetokenizer:
     Joined, the pieces equal ``tokenizer.decode(all ids)``. Each new id is decoded together with the ids of the
     previous piece and the text of that piece is cut off: so a SentencePiece word keeps its leading space (it is
     only dropped at the start of a decode), and the work per token stays small. A decode that ends in U+FFFD is
-    an unfinished UTF-8 character (an emoji split over byte tokens): we wait for the next id.
+    an unfinished UTF-8 character (an emoji split over byte tokens): we wait for the next id. After a
+    SentencePiece byte token (``<0xF0>``) we wait too: byte fallback decodes a run of byte tokens as a whole,
+    and a run that ends invalid turns into U+FFFD from its start, characters already complete included.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = False, **decode_kwargs):
@@ -617,6 +717,8 @@ class StreamingDetokenizer:
     def add(self, token_id: int) -> str:
         """Take one id; return the text it makes final (maybe "")."""
         self._window.append(int(token_id))
+        if _BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(int(token_id)) or ""):
+            return ""
         text = self._decode(self._window)
         if len(text) <= len(self._settled_text) or text.endswith("\ufffd"):
             return ""
@@ -628,9 +730,9 @@ class StreamingDetokenizer:
         return self._emit(text) if len(text) > len(self._settled_text) else ""
 
     def _emit(self, text: str) -> str:
-        piece = text[len(self._settled_text):]
+        piece = text[len(self._settled_text) :]
         # The ids just given out become the context for the next ones.
-        self._window = self._window[self._settled:]
+        self._window = self._window[self._settled :]
         self._settled = len(self._window)
         self._settled_text = self._decode(self._window)
         self._pieces.append(piece)

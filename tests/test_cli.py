@@ -1,0 +1,51 @@
+"""The command line: one-shot runs, the interactive chat on piped input, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def chatlm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "chatlm", *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_run_one_prompt_greedy_matches_the_api(bundled_model):
+    from chatlm import AutoTokenizer
+
+    result = chatlm("run", "What is the capital of France?", "--max-new-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(None)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+    )
+    out = bundled_model.generate(**ids, max_new_tokens=20)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert result.stdout.strip() == expected.strip()
+    assert result.stderr == ""  # quiet when not on a terminal
+
+
+def test_chat_with_reset_and_exit():
+    script = "Hi there\n/reset\nWhat is 2+2?\n/exit\nnever read\n"
+    result = chatlm("chat", "--max-new-tokens", "8", "--system", "Be brief.", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "(chat reset)" in result.stderr
+    assert len([line for line in result.stdout.splitlines() if line.strip()]) >= 2
+
+
+def test_errors_are_one_line(tmp_path):
+    for args in (
+        ("run", str(tmp_path / "missing.gguf"), "hi"),
+        ("run", str(tmp_path), "hi"),
+        ("chat", "not/a-model-anywhere"),
+    ):
+        result = chatlm(*args)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("chatlm: error:"), result.stderr
+    bad = chatlm("run", "hi", "--max-new-tokens", "-3")
+    assert bad.returncode == 2 and "positive" in bad.stderr and "Traceback" not in bad.stderr
