@@ -178,3 +178,38 @@ def test_generation_config_json_is_read(tmp_path, tiny_checkpoints):
         [2, 7],
     )
     assert model.generate(ids(), eos_token_id=None).shape == (1, 6 + 5)
+
+
+def test_return_dict_with_scores_matches_transformers(model, hf_model):
+    prompt = ids(seed=8)
+    ours = model.generate(
+        prompt, max_new_tokens=5, return_dict_in_generate=True, output_scores=True, eos_token_id=None
+    )
+    theirs = hf_model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=5,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        eos_token_id=None,
+    )
+    assert ours.sequences.tolist() == theirs.sequences.tolist()
+    assert len(ours.scores) == len(theirs.scores) == 5
+    for a, b in zip(ours.scores, theirs.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_stop_strings_end_the_row_at_the_first_hit(model, tiny_checkpoints):
+    from chatlm import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
+    prompt = ids(seed=9)
+    free = model.generate(prompt, max_new_tokens=20, eos_token_id=None)[0, 6:].tolist()
+    text = tok.decode(free)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop
+    out = model.generate(prompt, max_new_tokens=20, eos_token_id=None, stop_strings=[stop], tokenizer=tok)
+    got = out[0, 6:].tolist()
+    assert got == free[: len(got)]
+    assert stop in tok.decode(got) and stop not in tok.decode(got[:-1])

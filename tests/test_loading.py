@@ -228,3 +228,18 @@ def test_bad_load_options(tiny_checkpoints, kwargs, error, match):
 def test_bitsandbytes_config_rejects_unknown_fields():
     with pytest.raises(TypeError, match="bogus"):
         BitsAndBytesConfig(load_in_4bit=True, bogus=1)
+
+
+def test_hub_id_from_the_local_cache_offline(monkeypatch, tmp_path, tiny_checkpoints):
+    """A model already in the huggingface_hub cache loads by its id with no network."""
+    repo = tmp_path / "hub" / "models--someorg--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_checkpoints["llama"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained("someorg/tiny-llama", cache_dir=str(tmp_path / "hub"))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    x = sample_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference(x).logits, atol=0, rtol=0)

@@ -14,10 +14,23 @@ from .sampling import choose_tokens, make_processors
 
 @dataclass
 class Step:
-    """One decoding step: the chosen token per row (B,) and which rows were already done before it."""
+    """One decoding step: the chosen token per row (B,), which rows were already done before it, and the
+    processed scores (B, vocab) the token was chosen from."""
 
     tokens: torch.Tensor
     done: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass
+class GenerateOutput:
+    """What ``generate(..., return_dict_in_generate=True)`` returns, as in transformers."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else (self.sequences, self.scores)[key]
 
 
 def prepare_inputs(
@@ -93,7 +106,7 @@ def generate_steps(
         tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
         ids[:, length] = tokens
         length += 1
-        yield Step(tokens, done.clone())
+        yield Step(tokens, done.clone(), scores)
         if eos.numel():
             done |= torch.isin(tokens, eos)
         if stop_check is not None:
@@ -144,7 +157,7 @@ def generate(
     tokenizer=None,
     generator: torch.Generator | None = None,
     **kwargs,
-) -> torch.Tensor:
+) -> torch.Tensor | GenerateOutput:
     """transformers' ``generate``: returns (B, prompt + new) token ids; finished rows are padded with the pad token.
 
     Options are GenerationConfig fields (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
@@ -182,15 +195,20 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     stops = _StopStrings(config.stop_strings, tokenizer, batch) if config.stop_strings else None
-    out = [input_ids]
+    out, scores = [input_ids], []
     with torch.inference_mode():
         steps = generate_steps(
             model, input_ids, attention_mask, config, max_new, generator, stops.hit if stops else None
         )
         for step in steps:
             out.append(step.tokens[:, None])
+            if config.output_scores:
+                scores.append(step.scores)
             if streamer is not None:
                 streamer.put(step.tokens.cpu())
     if streamer is not None:
         streamer.end()
-    return torch.cat(out, dim=1)
+    sequences = torch.cat(out, dim=1)
+    if config.return_dict_in_generate:
+        return GenerateOutput(sequences, tuple(scores) if config.output_scores else None)
+    return sequences
