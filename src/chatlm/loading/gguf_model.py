@@ -1,7 +1,9 @@
 """GGUF at the edge: metadata becomes a Hugging Face config, tensors get their Hugging Face names and layout.
 
-Quantized tensors are dequantized to float32 by the gguf package's reference dequantizers and then cast to the
-requested dtype: the engine computes in float/bfloat16 until quantized kernels land (as transformers does).
+Files are read by our own parser (`gguf_file`, shared with the tokenizer through its cache). Quantized tensors
+are dequantized to float32 by `gguf_dequant` (bit-identical to the gguf package's numpy reference, which remains
+the fallback for rarer types) and then cast to the requested dtype: the engine computes in float/bfloat16 until
+quantized kernels land (as transformers does).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from . import gguf_dequant
+from .gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, open_gguf_file
 
 # GGUF architecture -> Hugging Face model_type.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -40,21 +45,22 @@ LAYER_NAMES = {
 }
 
 
-def open_gguf(path: Path):
-    import gguf
-
+def open_gguf(path: Path) -> GGUFFile:
     try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as e:
+        return open_gguf_file(path)
+    except GGUFFormatError as e:
+        raise ValueError(f"{path} is not a readable GGUF file: {e.reason}") from e
+    except FileNotFoundError:
+        raise
+    except OSError as e:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 
 
-def field_value(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def field_value(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.metadata.get(key, default)
 
 
-def gguf_config(reader, path: Path) -> dict[str, Any]:
+def gguf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     """The Hugging Face config.json equivalent of a GGUF file's metadata."""
     arch = field_value(reader, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -67,10 +73,10 @@ def gguf_config(reader, path: Path) -> dict[str, Any]:
 
     heads = meta("attention.head_count")
     hidden = meta("embedding_length")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = reader.metadata.get("tokenizer.ggml.tokens")
     config: dict[str, Any] = {
         "model_type": ARCHITECTURES[arch],
-        "vocab_size": meta("vocab_size") or (len(tokens.data) if tokens is not None else None),
+        "vocab_size": meta("vocab_size") or (len(tokens) if tokens is not None else None),
         "hidden_size": hidden,
         "intermediate_size": meta("feed_forward_length"),
         "num_hidden_layers": meta("block_count"),
@@ -111,16 +117,13 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def dequantize(tensor) -> np.ndarray:
-    """A GGUF tensor as float32 in numpy (row-major) order."""
-    import gguf
+def dequantize(tensor: GGUFTensor) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy (row-major) order, in memory of its own."""
+    return _dequantize(tensor).numpy()
 
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(
-        shape
-    )
-    # Unquantized tensors come back as read-only views of the memory map; torch wants memory it may own.
-    return data if data.flags.writeable else data.copy()
+
+def _dequantize(tensor: GGUFTensor) -> torch.Tensor:
+    return gguf_dequant.dequantize(tensor.torch_bytes(), tensor.ggml_type, tensor.shape)
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -128,20 +131,53 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf_tensors(reader, config: dict[str, Any], path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _unpermute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """`_unpermute` on a matrix's rows of raw (possibly quantized) bytes: the same row order, before dequantizing.
+
+    A quantized row is whole blocks, so moving rows commutes with dequantizing them; it moves a fraction of the
+    bytes of the float matrix. Copied head by head: small copies stay on this thread (see gguf_dequant).
+    """
+    half = rows.shape[0] // heads // 2
+    src = rows.view(heads, half, 2, -1)
+    out = torch.empty_like(rows)
+    dst = out.view(heads, 2, half, -1)
+    for head in range(heads):
+        for part in range(2):
+            dst[head, part].copy_(src[head, :, part])
+    return out
+
+
+def read_gguf_tensors(
+    reader: GGUFFile, config: dict[str, Any], path: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        yield from _read_tensors(reader, config, path)
+    finally:
+        reader.close()  # the weights are copies: the map of the file is not needed any more
+
+
+def _read_tensors(reader: GGUFFile, config: dict[str, Any], path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     arch = field_value(reader, "general.architecture")
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         if name is None:
             raise ValueError(f"{path.name}: unexpected tensor {tensor.name!r} for architecture {arch!r}")
+        heads = None
+        if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = config["num_attention_heads"]
+        elif arch in PERMUTED_QK and name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = config["num_key_value_heads"]
+        shape = tensor.shape
         try:
-            weight = torch.from_numpy(dequantize(tensor))
+            if heads is not None and len(shape) == 2 and shape[0] % (2 * heads) == 0:
+                raw = _unpermute_rows(tensor.torch_bytes().view(shape[0], -1), heads)
+                weight = gguf_dequant.dequantize(raw, tensor.ggml_type, shape)
+            else:
+                weight = _dequantize(tensor)
+                if heads is not None:
+                    weight = _unpermute(weight, heads)
         except (NotImplementedError, ValueError) as e:
             raise ValueError(
-                f"{path.name}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}"
+                f"{path.name}: cannot dequantize {tensor.name} ({tensor.ggml_type.name}): {e}"
             ) from e
-        if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "q_proj.bias")):
-            weight = _unpermute(weight, config["num_attention_heads"])
-        elif arch in PERMUTED_QK and name.endswith(("k_proj.weight", "k_proj.bias")):
-            weight = _unpermute(weight, config["num_key_value_heads"])
         yield name, weight
