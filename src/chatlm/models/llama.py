@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..generation.cache import KVCache
 from ..modeling import CausalLM
 from .config import ModelConfig
-from .layers import GatedMLP, RMSNorm, apply_rope
+from .layers import GatedMLP, RMSNorm, apply_rope, attention
 
 
 class Attention(nn.Module):
@@ -31,23 +30,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, masks, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = (
-            self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        )  # (B, heads, T, head_dim)
+        # (B, heads, T, head_dim)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        mask = masks[self.attention_type]
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        out = attention(q, k, v, masks[self.attention_type])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
