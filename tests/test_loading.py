@@ -63,11 +63,7 @@ def test_half_precision_close_to_transformers(tiny_checkpoints, dtype):
 
 
 def test_dtype_auto_reads_the_checkpoint(tmp_path, tiny_checkpoints):
-    path = tmp_path / "m"
-    shutil.copytree(tiny_checkpoints["llama"], path)
-    config = json.loads((path / "config.json").read_text())
-    config["dtype"] = "bfloat16"
-    (path / "config.json").write_text(json.dumps(config))
+    path = with_config(tmp_path, tiny_checkpoints["llama"], dtype="bfloat16")
     assert AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto").dtype == torch.bfloat16
     assert AutoModelForCausalLM.from_pretrained(path).dtype == torch.float32
 
@@ -187,26 +183,29 @@ def test_gguf_with_bad_magic(tmp_path):
         AutoModelForCausalLM.from_pretrained(bad)
 
 
-def test_unsupported_architecture_and_missing_keys(tmp_path, tiny_checkpoints):
-    path = tmp_path / "m"
-    shutil.copytree(tiny_checkpoints["llama"], path)
+def with_config(tmp_path, source, **changes):
+    """A copy of a checkpoint whose config.json has keys changed (a value of None removes the key)."""
+    path = tmp_path / "edited"
+    shutil.copytree(source, path)
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
-    with pytest.raises(ValueError, match="mamba"):
-        AutoModelForCausalLM.from_pretrained(path)
-    del config["hidden_size"]
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="hidden_size"):
-        AutoModelForCausalLM.from_pretrained(path)
+    return path
 
 
-def test_checkpoint_that_does_not_fit_the_config(tmp_path, tiny_checkpoints):
-    path = tmp_path / "m"
-    shutil.copytree(tiny_checkpoints["llama"], path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
-    with pytest.raises(ValueError, match="shape"):
-        AutoModelForCausalLM.from_pretrained(path)
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"model_type": "mamba"}, "mamba"),
+        ({"hidden_size": None}, "hidden_size"),
+        ({"intermediate_size": 96}, "shape"),  # the weights do not fit the config
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}}, "yarn"),
+    ],
+)
+def test_bad_configs(tmp_path, tiny_checkpoints, changes, match):
+    with pytest.raises(ValueError, match=match):
+        AutoModelForCausalLM.from_pretrained(with_config(tmp_path, tiny_checkpoints["llama"], **changes))
 
 
 @pytest.mark.parametrize(
