@@ -44,6 +44,7 @@ from pathlib import Path
 ENGINES = ("chatlm", "transformers")
 DTYPES = ("float32", "bfloat16")
 RESULT_TAG = "BENCH_RESULT "
+IDLE_LOAD = 0.05  # --wait-idle: the CPUs count as idle below this load
 NOISY_LOAD = 0.15  # a worker's run counts as disturbed when other processes took more of the CPUs than this
 DEFAULT_REFERENCE = Path("/work/shared/reference/smollm2_greedy.json")
 VOCAB_SIZE = 49152  # SmolLM2; ids 0-2 are special tokens
@@ -243,6 +244,20 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def wait_for_idle(limit_s: float) -> float:
+    """Wait (at most ``limit_s``) until the CPUs have been idle for 3 s running; return the seconds waited."""
+    start = time.perf_counter()
+    calm = 0
+    while time.perf_counter() - start < limit_s:
+        busy0, t0 = _busy_seconds(), time.perf_counter()
+        time.sleep(1.0)
+        load = (_busy_seconds() - busy0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+        calm = calm + 1 if load < IDLE_LOAD else 0
+        if calm >= 3 or load != load:  # idle for 3 s, or no /proc/stat to tell
+            break
+    return time.perf_counter() - start
+
+
 def spawn(engine: str, dtype: str, args) -> dict:
     cmd = [
         sys.executable,
@@ -375,6 +390,8 @@ def run_driver(args) -> int:
         order = engines if repeat % 2 == 0 else engines[::-1]
         for dtype in dtypes:
             for engine in order:
+                if args.wait_idle > 0:
+                    wait_for_idle(args.wait_idle)
                 try:
                     r = spawn(engine, dtype, args)
                 except BenchError as e:
@@ -459,8 +476,17 @@ def parse_args(argv=None):
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--decode-prompt-tokens", type=int, default=32)
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--prefill-runs", type=int, default=3, help="timed prefills per worker (median)")
+    p.add_argument(
+        "--prefill-runs", type=int, default=3, help="timed prefills per worker (the fastest counts)"
+    )
     p.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="JSON with chats' prompt_ids")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="S",
+        help="before each worker, wait up to S seconds for the CPUs to be idle (on a shared machine)",
+    )
     p.add_argument("--worker-timeout", type=float, default=300, help="seconds before a worker is given up")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--dtype", choices=DTYPES, help=argparse.SUPPRESS)

@@ -84,22 +84,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention with grouped K/V heads: q (B, heads, T, D), k and v (B, kv_heads, S, D).
-
-    One query token (decoding) goes through two small matmuls over the head groups: PyTorch's CPU SDPA with
-    ``enable_gqa`` is pathologically slow there in float32 (~50x), and repeating K/V would copy the whole cache.
-    """
-    batch, heads, length, dim = q.shape
-    kv_heads = k.shape[1]
-    if length == 1:
-        grouped = q.view(
-            batch, kv_heads, heads // kv_heads, dim
-        )  # query heads sharing a K/V head side by side
-        scores = (grouped @ k.transpose(-1, -2)).float() * dim**-0.5  # (B, kv_heads, group, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, -float("inf"))
-        return (scores.softmax(dim=-1).to(v.dtype) @ v).view(batch, heads, 1, dim)
+    No mask means plain causal attention: over a fresh prompt, or one new token seeing every cached key."""
+    causal = mask is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=heads != kv_heads
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
