@@ -92,7 +92,7 @@ class Session:
             self.messages, add_generation_prompt=True, return_tensors="pt"
         )
         ids = ids["input_ids"] if isinstance(ids, dict) else ids
-        streamer = _CallbackStreamer(self.tokenizer, on_text, TextStreamer)
+        streamer = _callback_streamer(self.tokenizer, on_text, TextStreamer)
         sampling = self.args.temperature > 0
         options = {"do_sample": sampling}
         if sampling:
@@ -109,7 +109,9 @@ class Session:
         return text
 
 
-def _CallbackStreamer(tokenizer, on_text, base):
+def _callback_streamer(tokenizer, on_text, base):
+    """A TextStreamer that hands each piece of the reply to ``on_text`` (torch is imported only when needed)."""
+
     class Streamer(base):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             on_text(text)
