@@ -25,6 +25,7 @@ _EXPORTS = {
     "QuantizationConfig": "quantization",
     "BitsAndBytesConfig": "quantization",
     "render_chat_template": "chat_template",
+    "get_json_schema": "tool_schema",
     "set_seed": "utils",
 }
 
@@ -39,6 +40,7 @@ __all__ = [
     "TextIteratorStreamer",
     "TextStreamer",
     "__version__",
+    "get_json_schema",
     "pipeline",
     "render_chat_template",
     "set_seed",
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from .pipeline import TextGenerationPipeline, pipeline
     from .quantization import BitsAndBytesConfig, QuantizationConfig
     from .tokenizer import AutoTokenizer, PreTrainedTokenizerFast
+    from .tool_schema import get_json_schema
     from .utils import set_seed
 
 

@@ -895,7 +895,7 @@ def render_chat_template(
         template: the Jinja template text (see `select_chat_template`).
         messages: the chat, a list of ``{"role", "content", ...}`` dicts. Keys set to None are dropped, and
             ``reasoning_content`` (or ``thinking`` / ``reasoning``) is passed under both the first two names.
-        tools: JSON schemas of the tools the model may call.
+        tools: the tools the model may call: JSON schemas, or Python functions (see ``get_json_schema``).
         documents: ``{"title", "text"}`` dicts for retrieval-augmented templates.
         add_generation_prompt: end with the header that starts the assistant's reply.
         continue_final_message: end right after the final message's content, for the model to continue it.
@@ -918,11 +918,7 @@ def render_chat_template(
     compiled = _compile(template)
     chat = _prepare_messages(messages)
     if tools is not None:
-        for tool in tools:
-            if not isinstance(tool, Mapping):
-                raise ValueError(
-                    f"tools must be given as JSON schemas (dicts), but got {type(tool).__name__}: {tool!r}"
-                )
+        tools = [_tool_schema(tool) for tool in tools]
     if documents is not None:
         for document in documents:
             if not isinstance(document, Mapping):
@@ -998,6 +994,19 @@ def validate_chat(messages: Any) -> list[dict]:
                 "of content parts (dicts), or None in a message with 'tool_calls'"
             )
     return list(messages)
+
+
+def _tool_schema(tool: Any) -> Mapping:
+    """A tool as the template sees it: a JSON schema as given, or one built from a Python function."""
+    if isinstance(tool, Mapping):
+        return tool
+    if callable(tool):
+        from .tool_schema import get_json_schema
+
+        return get_json_schema(tool)
+    raise ValueError(
+        f"tools must be JSON schemas (dicts) or Python functions, but got {type(tool).__name__}: {tool!r}"
+    )
 
 
 def select_chat_template(
