@@ -36,6 +36,7 @@ class CausalLM(nn.Module):
         self.generation_config = GenerationConfig.from_model_config(config)
         self.name_or_path = ""
         self._inv_freq: torch.Tensor | None = None
+        self._attention_types = frozenset(config.layer_types)  # once, not on every decode step
 
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
         raise NotImplementedError
@@ -75,9 +76,7 @@ class CausalLM(nn.Module):
                 batch, length
             )
         cos, sin = rope_cos_sin(self._rope_frequencies(input_ids.device), position_ids, self.dtype)
-        masks = attention_masks(
-            padding, length, offset, self.config.sliding_window, set(self.config.layer_types)
-        )
+        masks = attention_masks(padding, length, offset, self.config.sliding_window, self._attention_types)
         hidden = self.hidden_states(input_ids, cos, sin, masks, cache)
         if cache is not None:
             cache.advance(length)

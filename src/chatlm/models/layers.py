@@ -96,7 +96,7 @@ def attention_masks(
     query_length: int,
     offset: int,
     sliding_window: int | None,
-    layer_types: set[str],
+    layer_types: frozenset[str],
 ) -> dict[str, torch.Tensor | None]:
     """Boolean masks (B or 1, 1, T, K) per attention type; None where plain causal attention over all keys will do.
 
