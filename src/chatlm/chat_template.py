@@ -71,13 +71,22 @@ class _RenderState:
     """One render's clock and budget. Outside a render (jinja folding constants while it compiles) an idle state
     applies the size limits only."""
 
-    __slots__ = ("limits", "deadline", "left", "now")
+    __slots__ = ("limits", "deadline", "left", "now", "output", "spans")
 
-    def __init__(self, limits: RenderLimits, now: datetime | None, *, idle: bool = False):
+    def __init__(
+        self,
+        limits: RenderLimits,
+        now: datetime | None,
+        *,
+        idle: bool = False,
+        spans: list[tuple[int, int]] | None = None,
+    ):
         self.limits = limits
         self.deadline = math.inf if idle else time.monotonic() + limits.seconds
         self.left = math.inf if idle else limits.max_total
         self.now = now
+        self.output = 0  # characters streamed out so far
+        self.spans = spans  # where to record the spans of {% generation %} blocks, if anywhere
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
@@ -386,8 +395,8 @@ class _GuardedCodeGenerator(CodeGenerator):
 
 
 class _GenerationExtension(Extension):
-    """``{% generation %}...{% endgeneration %}`` marks the assistant's text. The body renders as usual; a tracker
-    of assistant spans (``return_assistant_tokens_mask``) can hook `_generation_block`."""
+    """``{% generation %}...{% endgeneration %}`` marks the assistant's text. The body renders as usual; a render
+    that tracks them (``return_assistant_tokens_mask``) also records the block's character span."""
 
     tags = {"generation"}
 
@@ -397,7 +406,14 @@ class _GenerationExtension(Extension):
         return nodes.CallBlock(self.call_method("_generation_block"), [], [], body).set_lineno(lineno)
 
     def _generation_block(self, caller: Macro) -> str:
-        return caller()
+        body = caller()
+        state = _state()
+        if state.spans is not None:
+            # As transformers does, the block starts where the output streamed so far ends. That is exact for
+            # blocks written straight to the output; inside a macro or a {% set %} block, whose output is
+            # buffered, it is only where the output stood when the block ran.
+            state.spans.append((state.output, state.output + len(body)))
+        return body
 
 
 def _raise_exception(message: Any) -> None:
@@ -908,6 +924,45 @@ def render_chat_template(
             or called ``raise_exception``; errors of the template's own making (TypeError, ...) pass through.
         ValueError: the chat is empty, or ``continue_final_message`` cannot apply.
     """
+    return _render(
+        template,
+        messages,
+        None,
+        tools=tools,
+        documents=documents,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        now=now,
+        **variables,
+    )
+
+
+def _render_with_generation_spans(
+    template: str, messages: list[dict], /, **options: Any
+) -> tuple[str, list[tuple[int, int]]]:
+    """`render_chat_template` (same options), also giving the ``(start, end)`` character span of the output of
+    each ``{% generation %}`` block, in the order the blocks ended: what ``return_assistant_tokens_mask`` needs."""
+    spans: list[tuple[int, int]] = []
+    text = _render(template, messages, spans, **options)
+    # continue_final_message cuts the end of the text off: keep the spans within what is left
+    end = len(text)
+    return text, [(min(start, end), min(stop, end)) for start, stop in spans]
+
+
+def _render(
+    template: str,
+    messages: list[dict],
+    spans: list[tuple[int, int]] | None,
+    /,  # positional only, so that template variables may have any of these names
+    *,
+    tools: list | None = None,
+    documents: list | None = None,
+    add_generation_prompt: bool = False,
+    continue_final_message: bool = False,
+    now: datetime | None = None,
+    **variables: Any,
+) -> str:
+    """`render_chat_template`, recording the spans of ``{% generation %}`` blocks into `spans` unless it is None."""
     if continue_final_message and add_generation_prompt:
         raise ValueError(
             "continue_final_message and add_generation_prompt are not compatible: use continue_final_message for "
@@ -925,7 +980,7 @@ def render_chat_template(
                 raise TypeError("documents should be a list of dicts with 'title' and 'text' keys")
     final = _tag_final_message(template, chat) if continue_final_message else None
 
-    state = _RenderState(LIMITS, now)
+    state = _RenderState(LIMITS, now, spans=spans)
     token = _STATE.set(state)
     try:
         chunks, total = [], 0
@@ -940,6 +995,7 @@ def render_chat_template(
             total += len(chunk)  # output is streamed, so a runaway template stops before it is all in memory
             if total > limit:
                 _check_chars(total, "the output")
+            state.output = total  # for {% generation %} blocks: the template resumes only after this
             chunks.append(chunk)
     except RecursionError as error:
         raise _limit_error("the template recursed too deeply") from error

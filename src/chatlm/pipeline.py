@@ -10,6 +10,7 @@ import torch
 from .auto import AutoModelForCausalLM
 from .generation.config import GenerationConfig
 from .modeling import CausalLM
+from .reply_parsing import ReplyFormat, detect_reply_format, parse_reply
 
 TASKS = ("text-generation",)
 # What transformers' text-generation pipeline uses when the model brings no generation_config.json of its own.
@@ -97,14 +98,44 @@ class TextGenerationPipeline:
         n = config.num_return_sequences
         skip = options.get("skip_special_tokens", True)
         full = options.get("return_full_text", True)
+        reply_format = self._reply_format(options.get("tools"))
         results = []
         for i, item in enumerate(items):
             records = []
             for row in output[i * n : (i + 1) * n]:
-                text = tok.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=skip)
-                records.append({"generated_text": _join(item, text, continues[i]) if full else text})
+                reply = row[ids.shape[1] :].tolist()
+                text = tok.decode(reply, skip_special_tokens=skip)
+                if not full:
+                    records.append({"generated_text": text})
+                elif isinstance(item, str) or continues[i] or reply_format.is_plain:
+                    records.append({"generated_text": _join(item, text, continues[i])})
+                else:
+                    message = self._parse_reply(reply, prompts[i], text, reply_format, config)
+                    records.append({"generated_text": [*item, message]})
             results.append(records)
         return results
+
+    def _reply_format(self, tools) -> ReplyFormat:
+        """What the model may write besides content, read off the chat template this request uses."""
+        try:
+            template = self.tokenizer.get_chat_template(None, tools)
+        except ValueError:
+            return ReplyFormat()
+        return detect_reply_format(template).for_request(tools_given=bool(tools))
+
+    def _parse_reply(
+        self, reply: list[int], prompt: list[int], text: str, reply_format: ReplyFormat, config
+    ) -> dict[str, Any]:
+        """The assistant message with its tool calls and reasoning apart. The markers may be special tokens
+        (``<|python_tag|>``, ``[TOOL_CALLS]``), so the parser reads the reply with them, up to the stop token."""
+        stops = set(config.eos_token_ids)
+        end = next((k for k, token in enumerate(reply) if token in stops), len(reply))
+        tok = self.tokenizer
+        raw = tok.decode(reply[:end], skip_special_tokens=False)
+        message = parse_reply(raw, reply_format, prefix=tok.decode(prompt, skip_special_tokens=False))
+        if "tool_calls" not in message and "reasoning_content" not in message:
+            return {"role": "assistant", "content": text}  # a plain reply: exactly as decoded
+        return message
 
 
 def _as_batch(text_inputs) -> tuple[bool, list]:

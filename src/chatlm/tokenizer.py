@@ -17,6 +17,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ SPECIAL_TOKENS_ATTRIBUTES = (
     "mask_token",
 )
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
+# A template with one of these can give assistant token masks.
+_GENERATION_TAG = re.compile(r"{%[-+]?\s*generation\s*[-+]?%}")
 
 
 class BatchEncoding(dict):
@@ -82,6 +85,24 @@ def _as_tensor(value, tensor_type: str, key: str):
 
         return np.asarray(value, dtype=np.int64)
     raise ValueError(f"return_tensors must be 'pt', 'np' or None, not {tensor_type!r}")
+
+
+def _assistant_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for each token that overlaps a ``{% generation %}`` span, else 0, as transformers computes it.
+
+    A token partly in a span counts, so a span that truncation cut keeps its remaining tokens. Tokens and spans
+    are walked together once, in text order; padding's (0, 0) offsets overlap nothing.
+    """
+    mask = [0] * len(offsets)
+    current = 0  # the first span that does not end at or before the token
+    for i, (start, end) in enumerate(offsets):
+        while current < len(spans) and spans[current][1] <= start:
+            current += 1
+        if current == len(spans):
+            break
+        if end > spans[current][0]:
+            mask[i] = 1
+    return mask
 
 
 def _to_ids(token_ids) -> int | list:
@@ -409,20 +430,23 @@ class PreTrainedTokenizerFast:
         rows = [list(e.ids) for e in encodings]
         masks = [[1] * len(r) for r in rows]
         types = [list(e.type_ids) for e in encodings]
+        offsets = [list(e.offsets) for e in encodings]
         if pad_to is not None:
             target = max((len(r) for r in rows), default=0) if pad_to == "longest" else pad_to
             if pad_to_multiple_of:
                 target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
             pad_id = self.pad_token_id
-            for row, mask, type_ids in zip(rows, masks, types):
+            for row, mask, type_ids, row_offsets in zip(rows, masks, types, offsets):
                 extra = target - len(row)
                 if extra > 0:
                     at = 0 if side == "left" else len(row)
                     row[at:at] = [pad_id] * extra
                     mask[at:at] = [0] * extra
                     type_ids[at:at] = [0] * extra
+                    row_offsets[at:at] = [(0, 0)] * extra  # what `tokenizers` gives padding
 
         out = BatchEncoding(input_ids=rows if batched else rows[0])
+        out._offsets = offsets  # an attribute, not an entry: for apply_chat_template's assistant masks
         if return_token_type_ids:
             out["token_type_ids"] = types if batched else types[0]
         if return_attention_mask:
@@ -557,13 +581,26 @@ class PreTrainedTokenizerFast:
         As in transformers 5: with ``tokenize=True`` the result is a `BatchEncoding` (``return_dict=True``, the
         default) or just the ids; with ``tokenize=False`` the text. The special tokens (``bos_token``,
         ``eos_token``, ...) are template variables, and ``kwargs`` add or override variables.
+        ``return_assistant_tokens_mask=True`` adds ``assistant_masks``, shaped as ``input_ids``: 1 for the tokens
+        that overlap the template's ``{% generation %}`` blocks, 0 for the others.
         """
-        from chatlm.chat_template import render_chat_template, validate_chat
+        from chatlm.chat_template import _render_with_generation_spans, validate_chat
 
-        if return_assistant_tokens_mask or sanitize_control_tokens:
-            raise NotImplementedError(
-                "chatlm does not support return_assistant_tokens_mask or sanitize_control_tokens"
+        # The same refusals as transformers, with ValueError.
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise ValueError(
+                "return_assistant_tokens_mask=True needs tokenize=True and return_dict=True: the mask comes as the "
+                "'assistant_masks' entry of the returned dict"
             )
+        if return_assistant_tokens_mask and continue_final_message:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
+        if sanitize_control_tokens:
+            if not tokenize or return_assistant_tokens_mask:
+                raise ValueError(
+                    "sanitize_control_tokens=True needs tokenize=True and is not compatible with "
+                    "return_assistant_tokens_mask=True"
+                )
+            raise NotImplementedError("chatlm does not support sanitize_control_tokens")
         if continue_final_message and add_generation_prompt:
             raise ValueError(
                 "continue_final_message and add_generation_prompt are not compatible: continue_final_message "
@@ -576,9 +613,16 @@ class PreTrainedTokenizerFast:
             isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
         )
         conversations = conversation if batched else [conversation]
+        if return_assistant_tokens_mask and not _GENERATION_TAG.search(template):
+            warnings.warn(
+                "return_assistant_tokens_mask=True but the chat template has no {% generation %} block: "
+                "the assistant masks will be all zeros",
+                stacklevel=2,
+            )
         variables = {**self.special_tokens_map, **kwargs}
-        rendered = [
-            render_chat_template(
+        rendered, spans = [], []
+        for messages in conversations:
+            chat, chat_spans = _render_with_generation_spans(
                 template,
                 validate_chat(getattr(messages, "messages", messages)),
                 tools=tools,
@@ -587,8 +631,8 @@ class PreTrainedTokenizerFast:
                 continue_final_message=continue_final_message,
                 **variables,
             )
-            for messages in conversations
-        ]
+            rendered.append(chat)
+            spans.append(chat_spans)
         text = rendered if batched else rendered[0]
         if not tokenize:
             return text
@@ -601,6 +645,13 @@ class PreTrainedTokenizerFast:
             return_tensors=return_tensors,
             **(tokenizer_kwargs or {}),
         )
+        if return_assistant_tokens_mask:
+            masks = [_assistant_mask(o, s) for o, s in zip(out._offsets, spans)]
+            # shaped as input_ids: one row unless batched, or a (1, T) tensor
+            if return_tensors is not None:
+                out["assistant_masks"] = _as_tensor(masks, return_tensors, "assistant_masks")
+            else:
+                out["assistant_masks"] = masks if batched else masks[0]
         return out if return_dict else out["input_ids"]
 
 
