@@ -121,3 +121,29 @@ def test_json_reply_is_a_call_only_when_tools_are_given(tmp_path, tools):
         assert message["tool_calls"][0]["function"]["name"] == "get_weather"
     else:
         assert message == {"role": "assistant", "content": CALL}
+
+
+def test_tokenizer_parse_response(tmp_path):
+    """transformers' API: text or ids, one or a batch, with the prompt as prefix."""
+    path = scripted_checkpoint(tmp_path, HERMES, ["Checking.", "<tool_call>", CALL, "</tool_call>"])
+    tok = AutoTokenizer.from_pretrained(str(path))
+    reply = "Checking.<tool_call>" + CALL + "</tool_call>"
+    expected = {
+        "role": "assistant",
+        "content": "Checking.",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Paris"}}}
+        ],
+    }
+    assert tok.parse_response(reply, prefix="") == expected
+    ids = tok.encode(reply, add_special_tokens=False) + [tok.eos_token_id, tok.pad_token_id]
+    assert tok.parse_response(ids, prefix="") == expected
+    assert tok.parse_response(torch.tensor([ids, ids]), prefix="") == [expected, expected]
+    assert tok.parse_response(["Hi", reply], prefix=["", ""]) == [
+        {"role": "assistant", "content": "Hi"},
+        expected,
+    ]
+    with pytest.raises(ValueError, match="prefix"):
+        tok.parse_response(reply)
+    with pytest.raises(ValueError, match="response_template"):
+        tok.parse_response(reply, {"fields": {}}, prefix="")

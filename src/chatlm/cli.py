@@ -1,4 +1,5 @@
-"""The command line: ``chatlm chat [MODEL]`` (interactive) and ``chatlm run [MODEL] PROMPT`` (one shot)."""
+"""The command line: ``chatlm chat [MODEL]`` (interactive), ``chatlm run [MODEL] PROMPT`` (one shot) and
+``chatlm doctor [MODEL]`` (checks a model's chat template, tokenizer and stop tokens)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(run)
     run.set_defaults(func=cmd_run)
+
+    doctor = sub.add_parser(
+        "doctor", help="check a model's chat template, tokenizer and stop tokens (exit code 1 on a problem)"
+    )
+    doctor.add_argument(
+        "model", nargs="?", help="local directory, .gguf file or Hub id (default: the bundled model)"
+    )
+    doctor.add_argument("--strict", action="store_true", help="exit with code 1 on warnings too")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -167,6 +177,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     session.reply(prompt, _write)
     print(flush=True)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    # Only the tokenizer and the stop tokens are read: no weights, so it is quick even for big models.
+    from .doctor import diagnose, exit_code, format_report, load_for_doctor
+    from .loading.resolve import BUNDLED_NAME
+
+    tokenizer, generation_config = load_for_doctor(args.model)
+    findings = diagnose(tokenizer, generation_config)
+    print(format_report(findings, args.model or BUNDLED_NAME))
+    return exit_code(findings, strict=args.strict)
 
 
 def _write(text: str) -> None:

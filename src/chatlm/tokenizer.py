@@ -654,6 +654,60 @@ class PreTrainedTokenizerFast:
                 out["assistant_masks"] = masks if batched else masks[0]
         return out if return_dict else out["input_ids"]
 
+    def parse_response(
+        self,
+        response,
+        schema: dict | None = None,
+        *,
+        prefix=None,
+        tools: list | None = None,
+        chat_template: str | None = None,
+    ) -> dict | list[dict]:
+        """The assistant message in a generated reply: ``content``, and ``tool_calls`` / ``reasoning_content``
+        when the model wrote any (see `chatlm.reply_parsing`).
+
+        As in transformers, `response` is the generated text or ids (one, or a batch) and `prefix` the prompt
+        before it (a template may pre-fill ``<think>``; pass ``""`` if there is none). The format comes from the
+        chat template (the one `tools` selects, or `chat_template`); ids are read up to the end-of-sequence
+        token, special tokens included, since some markers are special tokens.
+        """
+        from chatlm.reply_parsing import detect_reply_format, parse_reply
+
+        if schema is not None:
+            raise ValueError(
+                "chatlm reads the reply format from the chat template: response_template schemas are not supported"
+            )
+        if prefix is None:
+            raise ValueError(
+                "parse_response needs prefix=, the prompt the model continued: templates often pre-fill part of "
+                "the reply (an opening <think>). Pass prefix='' if the reply holds the whole message."
+            )
+        reply_format = detect_reply_format(self.get_chat_template(chat_template, tools))
+        reply_format = reply_format.for_request(tools_given=bool(tools))
+        responses, batched = self._texts(response)
+        prefixes, _ = self._texts(prefix)
+        if len(prefixes) == 1:
+            prefixes = prefixes * len(responses)
+        elif len(prefixes) != len(responses):
+            raise ValueError(f"got {len(responses)} responses but {len(prefixes)} prefixes")
+        messages = [parse_reply(text, reply_format, prefix=p) for text, p in zip(responses, prefixes)]
+        return messages if batched else messages[0]
+
+    def _texts(self, value) -> tuple[list[str], bool]:
+        """Text(s) from a string, ids, or a batch of either; ids up to the end-of-sequence token."""
+        if isinstance(value, str):
+            return [value], False
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            return list(value), True
+        ids = _to_ids(value)
+        if not isinstance(ids, list):
+            raise TypeError(f"expected text or token ids, not {type(value).__name__}")
+        batched = bool(ids) and isinstance(ids[0], list)
+        rows = ids if batched else [ids]
+        eos = self.eos_token_id
+        rows = [row[: row.index(eos)] if eos in row else row for row in rows]
+        return [self.decode(row, skip_special_tokens=False) for row in rows], batched
+
 
 class AutoTokenizer:
     """Loads the tokenizer of a model: ``AutoTokenizer.from_pretrained(ref)`` (see
