@@ -147,3 +147,29 @@ def test_tokenizer_parse_response(tmp_path):
         tok.parse_response(reply)
     with pytest.raises(ValueError, match="response_template"):
         tok.parse_response(reply, {"fields": {}}, prefix="")
+
+
+def test_cli_shows_reasoning_apart_and_keeps_the_parsed_message(tmp_path):
+    """`chatlm run` streams the answer to stdout and the reasoning to stderr; in a chat, the next prompt gets the
+    parsed message (reasoning_content apart), as the template expects."""
+    from test_cli import chatlm
+
+    template = HERMES.replace("assistant\n{% endif %}", "assistant\n<think>\n{% endif %}") + "{# </think> #}"
+    path = scripted_checkpoint(tmp_path, template, ["The user asks.", "</think>", "Sunny."])
+    result = chatlm("run", str(path), "Weather in Paris?", "--max-new-tokens", "10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Sunny."
+    assert result.stderr.strip() == "The user asks."
+
+    from chatlm.cli import Session, build_parser
+
+    args = build_parser().parse_args(["chat", str(path), "--max-new-tokens", "10"])
+    session = Session(str(path), args)
+    shown, thoughts = [], []
+    assert session.reply("Weather in Paris?", shown.append, thoughts.append) == "Sunny."
+    assert "".join(shown) == "Sunny." and "".join(thoughts) == "The user asks."
+    assert session.messages[-1] == {
+        "role": "assistant",
+        "content": "Sunny.",
+        "reasoning_content": "The user asks.",
+    }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -94,15 +95,24 @@ class Session:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def reply(self, user_text: str, on_text: Callable[[str], None]) -> str:
-        from .generation.streamers import TextStreamer
+    def reply(
+        self,
+        user_text: str,
+        on_text: Callable[[str], None],
+        on_reasoning: Callable[[str], None] | None = None,
+    ) -> str:
+        """Answer `user_text`, streaming the answer to `on_text` and the model's reasoning (if its template has
+        any) to `on_reasoning`; the chat keeps the parsed message, reasoning apart from content."""
+        from .reply_parsing import ReplyParser, detect_reply_format
 
         self.messages.append({"role": "user", "content": user_text})
-        ids = self.tokenizer.apply_chat_template(
-            self.messages, add_generation_prompt=True, return_tensors="pt"
+        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        reply_format = detect_reply_format(self.tokenizer.get_chat_template()).for_request(tools_given=False)
+        parser = None if reply_format.is_plain else ReplyParser(reply_format, prefix=prompt)
+        streamer = _callback_streamer(
+            self.tokenizer, on_text, on_reasoning, parser, self.model.generation_config
         )
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
-        streamer = _callback_streamer(self.tokenizer, on_text, TextStreamer)
         sampling = self.args.temperature > 0
         options = {"do_sample": sampling}
         if sampling:
@@ -114,19 +124,50 @@ class Session:
         output = self.model.generate(
             ids.to(self.model.device), max_new_tokens=self.args.max_new_tokens, streamer=streamer, **options
         )
-        text = self.tokenizer.decode(output[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
-        self.messages.append({"role": "assistant", "content": text})
-        return text
+        if parser is not None:
+            message = parser.message
+        else:
+            text = self.tokenizer.decode(output[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+            message = {"role": "assistant", "content": text}
+        self.messages.append(message)
+        return message["content"]
 
 
-def _callback_streamer(tokenizer, on_text, base):
-    """A TextStreamer that hands each piece of the reply to ``on_text`` (torch is imported only when needed)."""
+def _callback_streamer(tokenizer, on_text, on_reasoning, parser, generation_config):
+    """A streamer that hands each piece of the reply to ``on_text``; with a reply parser, the reasoning goes to
+    ``on_reasoning`` and tool calls are shown as lines."""
+    from .generation.streamers import TextStreamer, _ids
 
-    class Streamer(base):
+    if parser is None:
+
+        class Plain(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                on_text(text)
+
+        return Plain(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    stops = set(generation_config.eos_token_ids)
+
+    class Parsed(TextStreamer):
+        # special tokens are kept (markers such as <|python_tag|> are special), stop tokens are not text
+        def put(self, value) -> None:
+            if self.next_tokens_are_prompt:
+                super().put(value)
+            else:
+                super().put([t for t in _ids(value) if t not in stops])
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            on_text(text)
+            deltas = parser.feed(text) + (parser.finish() if stream_end else [])
+            for delta in deltas:
+                if delta.reasoning_content and on_reasoning is not None:
+                    on_reasoning(delta.reasoning_content)
+                if delta.content:
+                    on_text(delta.content)
+                if delta.tool_call:
+                    function = delta.tool_call["function"]
+                    on_text(f"\n[tool call] {function['name']}({json.dumps(function['arguments'])})\n")
 
-    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return Parsed(tokenizer, skip_prompt=True, skip_special_tokens=False)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -155,7 +196,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"unknown command {text.split()[0]}: /reset or /exit", file=sys.stderr)
             continue
         try:
-            session.reply(text, _write)
+            session.reply(text, _write, _write_reasoning)
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
             session.messages.pop()
@@ -174,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     session = Session(model_ref, args)
-    session.reply(prompt, _write)
+    session.reply(prompt, _write, _write_reasoning)
     print(flush=True)
     return 0
 
@@ -193,6 +234,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _write_reasoning(text: str) -> None:
+    """The model's reasoning goes to stderr (dimmed on a terminal), so that stdout holds only the answer."""
+    dim = sys.stderr.isatty()
+    sys.stderr.write(f"\033[2m{text}\033[0m" if dim else text)
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
