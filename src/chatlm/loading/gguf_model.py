@@ -8,7 +8,7 @@ quantized kernels land (as transformers does).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,14 @@ from .gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, open_gguf_file
 
 # GGUF architecture -> Hugging Face model_type.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+# Per GGUF architecture: config.json keys beyond the common ones, from `meta(key, default)` (the arch's metadata).
+CONFIG_EXTRAS: dict[str, Callable[[Callable[..., Any]], dict[str, Any]]] = {
+    "qwen2": lambda meta: {"use_sliding_window": False},
+}
+# Per GGUF architecture: a fix applied to each tensor after dequantizing, (hf_name, tensor) -> tensor, for what
+# llama.cpp's converter changed (e.g. norms stored as 1 + weight).
+TENSOR_FIXES: dict[str, Callable[[str, torch.Tensor], torch.Tensor]] = {}
 
 # llama.cpp's converter interleaves the rotary halves of q and k for these architectures; we undo it.
 PERMUTED_QK = {"llama"}
@@ -96,8 +104,8 @@ def gguf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         config["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
     elif scaling not in (None, "none"):
         raise ValueError(f"{path.name}: rope scaling {scaling!r} in GGUF is not supported yet")
-    if arch == "qwen2":
-        config["use_sliding_window"] = False
+    if arch in CONFIG_EXTRAS:
+        config.update(CONFIG_EXTRAS[arch](meta))
     missing = [
         k
         for k, v in config.items()
@@ -180,4 +188,6 @@ def _read_tensors(reader: GGUFFile, config: dict[str, Any], path: Path) -> Itera
             raise ValueError(
                 f"{path.name}: cannot dequantize {tensor.name} ({tensor.ggml_type.name}): {e}"
             ) from e
+        if arch in TENSOR_FIXES:
+            weight = TENSOR_FIXES[arch](name, weight)
         yield name, weight
