@@ -55,6 +55,113 @@ VARIANTS = {
     ),
     "mistral": ("mistral", dict(sliding_window=8, head_dim=16)),
     "qwen2": ("qwen2", dict(use_sliding_window=False)),
+    # Mixture of experts: top-2 of 4 (Mixtral renormalises the two probabilities).
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # A shared expert with a sigmoid gate; layer 1 dense (mlp_only_layers); raw top-k probabilities.
+    "qwen2_moe": (
+        "qwen2_moe",
+        dict(
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+        ),
+    ),
+    # Only every second layer sparse (decoder_sparse_step), top-3 renormalised (norm_topk_prob).
+    "qwen2_moe_step2_norm": (
+        "qwen2_moe",
+        dict(
+            num_hidden_layers=3,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            decoder_sparse_step=2,
+            norm_topk_prob=True,
+        ),
+    ),
+    # Qwen3's per-head q/k norms and an explicit head_dim; top-2 of 8, renormalised.
+    "qwen3_moe": (
+        "qwen3_moe",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=24, norm_topk_prob=True
+        ),
+    ),
+    # head_dim apart from hidden/heads; layer 0 full attention, layer 1 a sliding window shorter than the prompt
+    "qwen3": (
+        "qwen3",
+        dict(
+            head_dim=24,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # The 20-token prompt of the parity test reaches past original_max_position_embeddings (16): long factors; the
+    # 7-token generation starts short and switches to long mid-way, as transformers does per call.
+    "phi3_longrope": (
+        "phi3",
+        dict(
+            original_max_position_embeddings=16,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+                "long_factor": [1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0],
+            },
+        ),
+    ),
+    # Short factors only (every position stays under 64), a partial rotary embedding and a sliding window.
+    "phi3_short_partial": (
+        "phi3",
+        dict(
+            original_max_position_embeddings=64,
+            partial_rotary_factor=0.5,
+            sliding_window=8,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.5, 2.0, 3.0],
+                "long_factor": [2.0, 3.0, 5.0, 9.0],
+            },
+        ),
+    ),
+    "olmo2": ("olmo2", {}),
+    "granite": (
+        "granite",
+        dict(embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0),
+    ),
+    # Gemma's config class defaults head_dim to 256: give the tiny ones their own.
+    "gemma": ("gemma", dict(head_dim=16)),
+    # Layers alternate sliding (window 8 < the 20-token prompt) and global; both softcaps bend the values.
+    "gemma2": (
+        "gemma2",
+        dict(
+            num_hidden_layers=3,
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=12,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=10.0,
+        ),
+    ),
+    # Sliding, global, sliding; the global layers' rope (base 1000, linear x2) apart from the sliding ones' (50).
+    "gemma3_text": (
+        "gemma3_text",
+        dict(
+            num_hidden_layers=3,
+            head_dim=16,
+            sliding_window=8,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=20,
+            final_logit_softcapping=10.0,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+            },
+        ),
+    ),
 }
 
 

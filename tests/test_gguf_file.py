@@ -334,6 +334,8 @@ F16_SCALES = {
     Q.Q4_K: [0, 2],
     Q.Q5_K: [0, 2],
     Q.Q6_K: [208],
+    Q.IQ4_NL: [0],
+    Q.IQ4_XS: [0],
 }
 QUANTIZABLE = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.BF16}
 

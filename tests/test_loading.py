@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import transformers
 
 from chatlm import BitsAndBytesConfig, QuantizationConfig
 from chatlm.auto import AutoModelForCausalLM
+from gguf_export import export_gguf, quantize_dequantize
 
 
 @pytest.fixture(scope="module")
@@ -70,64 +70,53 @@ def test_dtype_auto_reads_the_checkpoint(tmp_path, tiny_checkpoints):
 
 def test_gguf_round_trip_equals_hf_directory(tmp_path, tiny_checkpoints, hf_llama):
     """Write the tiny llama to GGUF as llama.cpp's converter does (q/k rows permuted), load both, compare."""
-    import gguf
-
-    config = hf_llama.config
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-
-    def permute(w: np.ndarray, heads: int) -> np.ndarray:
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    layer = {
-        "input_layernorm": "attn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
-    for name, tensor in hf_llama.state_dict().items():
-        w = tensor.numpy().astype(np.float32)
-        if name in names:
-            writer.add_tensor(names[name], w)
-            continue
-        _, _, index, rest = name.split(".", 3)
-        module = rest.rsplit(".", 1)[0]
-        if module == "self_attn.q_proj":
-            w = permute(w, config.num_attention_heads)
-        elif module == "self_attn.k_proj":
-            w = permute(w, config.num_key_value_heads)
-        writer.add_tensor(f"blk.{index}.{layer[module]}.weight", w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
+    path = export_gguf(hf_llama, tmp_path / "tiny.gguf", "llama")
     ours = AutoModelForCausalLM.from_pretrained(path)
     x = sample_ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, hf_llama(x).logits, atol=1e-5, rtol=0)
-    assert ours.config.num_key_value_heads == config.num_key_value_heads
+    assert ours.config.num_key_value_heads == hf_llama.config.num_key_value_heads
+
+
+def test_gguf_q8_0_round_trip(tmp_path, tiny_checkpoints, hf_llama):
+    """Q8_0: our weights equal the gguf package's dequantization exactly, and our logits equal those of transformers
+    running on those weights; against the float model they stay within 8-bit error."""
+    path = export_gguf(tiny_checkpoints["llama"], tmp_path / "tiny-q8.gguf", "llama", tensor_type="Q8_0")
+    ours = AutoModelForCausalLM.from_pretrained(path)
+    expected = {
+        k: torch.from_numpy(quantize_dequantize(v.numpy(), "Q8_0")) for k, v in hf_llama.state_dict().items()
+    }
+    for name, weight in ours.state_dict().items():
+        torch.testing.assert_close(weight, expected[name], atol=0, rtol=0, msg=name)
+    hf_q8 = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoints["llama"], dtype=torch.float32
+    ).eval()
+    hf_q8.load_state_dict(expected)
+    x = sample_ids()
+    with torch.no_grad():
+        a, b = ours(x).logits, hf_llama(x).logits
+        torch.testing.assert_close(a, hf_q8(x).logits, atol=1e-5, rtol=0)
+    # random weights amplify errors layer after layer: ~3% here, where float16 export gives ~0.1%
+    assert (a - b).pow(2).mean().sqrt() < 0.06 * b.pow(2).mean().sqrt()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+def test_gguf_round_trip_qwen2_with_tokenizer(tmp_path, tiny_checkpoints):
+    """qwen2 (q/k/v biases, no permutation) in float16, with gpt2 tokenizer metadata and the chat template."""
+    from chatlm import AutoTokenizer
+
+    ckpt = tiny_checkpoints["qwen2"]
+    path = export_gguf(ckpt, tmp_path / "qwen2.gguf", "qwen2", tensor_type="F16", tokenizer_dir=ckpt)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(path)
+    x = sample_ids()
+    with torch.no_grad():
+        a, b = ours(x).logits, theirs(x).logits
+    assert (a - b).abs().max() < 0.01 * b.abs().max()  # float16 weights
+    tok, ref = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(ckpt)
+    text = "Hello world! Café 你好 <|im_start|>user"
+    assert tok(text)["input_ids"] == ref(text)["input_ids"]
+    assert tok.chat_template == ref.chat_template and tok.eos_token == ref.eos_token
 
 
 def test_bundled_gguf_weights_equal_transformers_dequantized(bundled_model, shared_dir):

@@ -78,7 +78,10 @@ def test_greedy_generation_batched_left_padding(pair):
     expected = theirs.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=pad)
     got = ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=pad)
     assert got.tolist() == expected.tolist()
-    # each row of the batch equals the same prompt generated alone
+    # each row of the batch equals the same prompt generated alone (not with longrope: transformers switches its
+    # factors when the padded batch outgrows the pre-training context, so a row's rope depends on the batch)
+    if ours._longrope_context is not None:
+        return
     for i, r in enumerate(rows):
         alone = ours.generate(r[None], max_new_tokens=12, pad_token_id=pad)[0, len(r) :]
         batched = got[i, width:]

@@ -10,6 +10,7 @@ import torch
 
 from .generation.config import GenerationConfig
 from .loading import gguf_model
+from .loading.parts import PartAssembler
 from .loading.resolve import ResolvedModel, resolve_model
 from .loading.safetensors_weights import read_safetensors
 from .modeling import CausalLM
@@ -80,13 +81,21 @@ def load_state(
     """Assign every parameter exactly once, converting each tensor as it arrives (no second full copy)."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    for name, tensor in tensors:
-        if name.endswith("rotary_emb.inv_freq"):
+    parts = PartAssembler(params, dtype, device, source)  # parameters stacked from pieces (MoE experts)
+    for origin, tensor in tensors:
+        if origin.endswith("rotary_emb.inv_freq"):
             continue  # a buffer old checkpoints saved; we compute it
+        name, index = model.checkpoint_slot(origin)
+        if name is None:
+            continue  # a part of the checkpoint the model does not use (Gemma 3's vision tower)
         if name not in params:
-            raise ValueError(f"{source}: unexpected tensor {name!r} for a {model.config.model_type} model")
-        if name in loaded:
-            raise ValueError(f"{source}: tensor {name!r} appears twice")
+            raise ValueError(f"{source}: unexpected tensor {origin!r} for a {model.config.model_type} model")
+        if name in loaded or (not index and name in parts):
+            raise ValueError(f"{source}: tensor {origin!r} appears twice")
+        if index:
+            tensor = parts.add(name, index, tensor, origin)
+            if tensor is None:
+                continue  # more pieces to come
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise ValueError(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(params[name].shape)}"

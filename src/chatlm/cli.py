@@ -1,5 +1,6 @@
 """The command line: ``chatlm chat [MODEL]`` (interactive), ``chatlm run [MODEL] PROMPT`` (one shot) and
-``chatlm doctor [MODEL]`` (checks a model's chat template, tokenizer and stop tokens)."""
+``chatlm doctor [MODEL]`` (checks a model's chat template, tokenizer and stop tokens) and ``chatlm info [MODEL]``
+(parameters, memory, KV cache and speed estimates, read off the files without loading the weights)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--strict", action="store_true", help="exit with code 1 on warnings too")
     doctor.set_defaults(func=cmd_doctor)
+
+    info = sub.add_parser(
+        "info", help="parameters, memory, KV cache and decode speed estimate, without loading"
+    )
+    info.add_argument(
+        "model", nargs="?", help="local directory, .gguf file or cached Hub id (default: the bundled model)"
+    )
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.add_argument(
+        "--context",
+        type=_positive_int,
+        default=1000,
+        help="tokens of KV cache in the speed estimate (default 1000)",
+    )
+    info.add_argument(
+        "--dtype", choices=DTYPES[1:], default=None, help="the KV cache's dtype (default: the model's)"
+    )
+    info.set_defaults(func=cmd_info)
     return parser
 
 
@@ -229,6 +248,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     findings = diagnose(tokenizer, generation_config)
     print(format_report(findings, args.model or BUNDLED_NAME))
     return exit_code(findings, strict=args.strict)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_info, model_info
+
+    info = model_info(args.model, dtype=args.dtype, context_tokens=args.context)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
+    return 0
 
 
 def _write(text: str) -> None:

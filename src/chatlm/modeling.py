@@ -10,7 +10,13 @@ from torch import nn
 from .generation.cache import KVCache
 from .generation.config import GenerationConfig
 from .models.config import ModelConfig
-from .models.layers import attention_masks, rope_cos_sin, rope_inverse_frequencies
+from .models.layers import (
+    attention_masks,
+    longrope_context,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inverse_frequencies,
+)
 
 
 @dataclass
@@ -36,10 +42,19 @@ class CausalLM(nn.Module):
         self.generation_config = GenerationConfig.from_model_config(config)
         self.name_or_path = ""
         self._inv_freq: torch.Tensor | None = None
+        self._long_inv_freq: torch.Tensor | None = None
+        self._longrope_context = longrope_context(config)
+        self._rope_scale = rope_attention_factor(config)
         self._attention_types = frozenset(config.layer_types)  # once, not on every decode step
 
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
         raise NotImplementedError
+
+    def checkpoint_slot(self, name: str) -> tuple[str | None, tuple]:
+        """Where checkpoint tensor ``name`` goes: (parameter name, index into it); an empty index is the whole
+        parameter, a None name a tensor to skip. Architectures whose parameters a checkpoint stores in pieces (MoE
+        experts) or under other names (Gemma 3's image-text checkpoints) override this."""
+        return name, ()
 
     # --- the forward call -------------------------------------------------------------------------------------
     def forward(
@@ -75,7 +90,7 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(offset, offset + length, device=input_ids.device).expand(
                 batch, length
             )
-        cos, sin = rope_cos_sin(self._rope_frequencies(input_ids.device), position_ids, self.dtype)
+        cos, sin = self.rope_tables(position_ids)
         masks = attention_masks(padding, length, offset, self.config.sliding_window, self._attention_types)
         hidden = self.hidden_states(input_ids, cos, sin, masks, cache)
         if cache is not None:
@@ -84,13 +99,35 @@ class CausalLM(nn.Module):
             hidden = hidden[:, -logits_to_keep:]
         # A 2-D input: on a 3-D slice, bf16 linear on CPU copies the whole transposed weight first (~15x slower).
         logits = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:2], -1)
-        return CausalLMOutput(logits=logits, past_key_values=cache)
+        return CausalLMOutput(logits=self.final_logits(logits), past_key_values=cache)
 
-    def _rope_frequencies(self, device: torch.device) -> torch.Tensor:
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The lm_head's output as the model hands it out: architectures that scale logits override this."""
+        return logits
+
+    def recompute_cache(self, cached: int, length: int) -> bool:
+        """Whether generation should forget the cache and run the whole sequence of ``length`` tokens again
+        instead of feeding one token to a cache of ``cached`` entries (Phi-3's switch to its long rope factors)."""
+        return False
+
+    def rope_tables(self, position_ids: torch.Tensor):
+        """cos and sin tables for the positions, handed to ``hidden_states``. Architectures whose layer types
+        rotate differently (Gemma 3's local and global layers) override this to return dicts by attention type."""
+        return rope_cos_sin(self._rope_frequencies(position_ids), position_ids, self.dtype, self._rope_scale)
+
+    def _rope_frequencies(self, positions: torch.Tensor) -> torch.Tensor:
         # Computed on first use: the model is built on the meta device, where no real buffer can be made.
+        device = positions.device
         if self._inv_freq is None or self._inv_freq.device != device:
             self._inv_freq = rope_inverse_frequencies(self.config).to(device)
-        return self._inv_freq
+            if self._longrope_context is not None:
+                self._long_inv_freq = rope_inverse_frequencies(self.config, long=True).to(device)
+        if self._longrope_context is None:
+            return self._inv_freq
+        # Longrope picks its factors per call, as transformers does: the long ones once any position of this call
+        # is past the pre-training context (so keys cached earlier keep the short ones). No host sync.
+        reaches_past = positions.max() + 1 > self._longrope_context
+        return torch.where(reaches_past, self._long_inv_freq, self._inv_freq)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         c = self.config

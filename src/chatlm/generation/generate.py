@@ -114,11 +114,17 @@ def generate_steps(
         if bool(done.all()) or step == max_new_tokens - 1:
             return
         positions = positions[:, -1:] + 1
+        fed = tokens[:, None]
+        if model.recompute_cache(cache.offset, length):  # the cached keys are stale: run the whole sequence
+            cache.trim(cache.offset)
+            positions = (mask[:, :length].cumsum(-1) - 1).clamp(min=0)
+            fed = ids[:, :length]
         logits = model(
-            tokens[:, None],
+            fed,
             attention_mask=mask[:, :length] if padded else None,
             position_ids=positions,
             past_key_values=cache,
+            logits_to_keep=1,
         ).logits[:, -1]
 
 

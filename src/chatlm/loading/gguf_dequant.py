@@ -3,7 +3,7 @@
 Each dequantizer computes exactly what `gguf.quants.dequantize` (the numpy reference) computes, operation for
 operation in float32 (``d * q`` then ``+ m``, never a fused multiply-add), so the results are bit-identical (but
 for the payload bits of F16 NaNs, which torch's conversion may quiet); it is only faster. Types we have no
-dequantizer for (the IQ and TQ families, MXFP4, ...) go to the reference.
+dequantizer for (the other IQ types, the TQ family, MXFP4, ...) go to the reference.
 
 Integer fields are unpacked several bytes at a time (shifts and masks on int64 words), the float work runs on
 whole blocks, and tensors are processed in steps small enough to stay in cache and on the calling thread.
@@ -20,6 +20,9 @@ Block layouts (ggml's ``block_*`` structs, little-endian; ``QK_K`` = 256):
 - Q4_K (144 / 256): ``d``, ``dmin``, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
 - Q5_K (176 / 256): as Q4_K plus 32 bytes of high bits.
 - Q6_K (210 / 256): 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, ``d``.
+- IQ4_NL (18 / 32): as Q4_0, but the nibble indexes a non-linear table of 16 int8 levels; value ``d * kv[q]``.
+- IQ4_XS (136 / 256): ``d``, 16-bit ``scales_h`` (2 high bits per 32-value group), 4 bytes ``scales_l`` (low
+  nibbles, group ``2j`` in the low nibble of byte ``j``), 128 bytes of nibbles; value ``d * (sc - 32) * kv[q]``.
 
 Values in the low nibbles come first within each group: byte ``j`` holds value ``j`` in its low nibble and value
 ``j + half`` in its high nibble.
@@ -182,6 +185,39 @@ def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     out.view(n, 16, 16).mul_(d)
 
 
+# IQ4's 16 levels (ggml's kvalues_iq4nl), as a table from a byte to its (low nibble, high nibble) values: one
+# gather per byte instead of unpacking nibbles and then looking each up.
+_IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_IQ4_PAIRS = torch.tensor(
+    [[_IQ4_LEVELS[v & 15], _IQ4_LEVELS[v >> 4]] for v in range(256)], dtype=torch.float32
+)
+
+
+def _iq4_levels(out: torch.Tensor, packed: torch.Tensor) -> None:
+    """Levels of (n, k) bytes into ``out`` viewed (n, 2, k): low nibbles, then high nibbles."""
+    n, k = packed.shape
+    pairs = torch.index_select(_IQ4_PAIRS, 0, packed.reshape(-1).long()).view(n, k, 2)
+    out.view(n, 2, k).copy_(pairs.transpose(1, 2))
+
+
+def _iq4_nl(b: torch.Tensor, out: torch.Tensor) -> None:
+    _iq4_levels(out, b[:, 2:18])
+    out.mul_(_f16s(b, 0))
+
+
+_IQ4_XS_HIGH_SHIFTS = torch.arange(0, 16, 2, dtype=torch.int32)
+
+
+def _iq4_xs(b: torch.Tensor, out: torch.Tensor) -> None:
+    n = b.shape[0]
+    low = b[:, 4:8]
+    low = torch.stack([low & 15, low >> 4], dim=2).view(n, 8).int()
+    high = (b[:, 2:4].contiguous().view(torch.int16).int() >> _IQ4_XS_HIGH_SHIFTS) & 3
+    dl = (_f16s(b, 0) * ((low | (high << 4)) - 32).float()).view(n, 8, 1)
+    _iq4_levels(out.view(n * 8, 32), b[:, 8:136].reshape(n * 8, 16))
+    out.view(n, 8, 32).mul_(dl)
+
+
 _BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Tensor], None]] = {
     Q.Q4_0: _q4_0,
     Q.Q4_1: _q4_1,
@@ -193,6 +229,8 @@ _BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Te
     Q.Q4_K: _q4_k,
     Q.Q5_K: _q5_k,
     Q.Q6_K: _q6_k,
+    Q.IQ4_NL: _iq4_nl,
+    Q.IQ4_XS: _iq4_xs,
 }
 _PLAIN = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 

@@ -8,6 +8,7 @@ quantized kernels land (as transformers does).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,18 +20,45 @@ from . import gguf_dequant
 from .gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, open_gguf_file
 
 # GGUF architecture -> Hugging Face model_type.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "granite": "granite",
+    "qwen2": "qwen2",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+}
 
 # Per GGUF architecture: config.json keys beyond the common ones, from `meta(key, default)` (the arch's metadata).
 CONFIG_EXTRAS: dict[str, Callable[[Callable[..., Any]], dict[str, Any]]] = {
     "qwen2": lambda meta: {"use_sliding_window": False},
+    "phi3": lambda meta: _phi3_extras(meta),
+    "granite": lambda meta: _granite_extras(meta),
+    "gemma2": lambda meta: _gemma_extras(meta, layers_27b=46),
+    "gemma3": lambda meta: _gemma_extras(meta, layers_27b=62),
+    # llama.cpp writes Mixtral as llama with experts
+    "llama": lambda meta: _moe_extras(meta, "mixtral") if meta("expert_count") else {},
+    "qwen2moe": lambda meta: _moe_extras(meta, "qwen2_moe"),
+    "qwen3moe": lambda meta: _moe_extras(meta, "qwen3_moe"),
 }
 # Per GGUF architecture: a fix applied to each tensor after dequantizing, (hf_name, tensor) -> tensor, for what
 # llama.cpp's converter changed (e.g. norms stored as 1 + weight).
-TENSOR_FIXES: dict[str, Callable[[str, torch.Tensor], torch.Tensor]] = {}
+TENSOR_FIXES: dict[str, Callable[[str, torch.Tensor], torch.Tensor]] = {
+    # Gemma's norms multiply by 1 + w; llama.cpp stores 1 + w for every one of them (q/k norms too).
+    **dict.fromkeys(
+        ["gemma", "gemma2", "gemma3"], lambda name, w: w - 1 if name.endswith("norm.weight") else w
+    ),
+    # The shared expert's gate is one row, (1, hidden) in HF; some GGUF files store it as a vector.
+    "qwen2moe": lambda name, w: w.reshape(1, -1) if name.endswith("shared_expert_gate.weight") else w,
+}
 
 # llama.cpp's converter interleaves the rotary halves of q and k for these architectures; we undo it.
-PERMUTED_QK = {"llama"}
+PERMUTED_QK = {"llama", "granite"}
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -50,7 +78,103 @@ LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",  # OLMo 2 norms after, not before
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    # Mixture of experts: the router, each projection of all experts stacked (E, out, in), the shared expert.
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
+# Mixtral GGUF files from before llama.cpp stacked the experts (early 2024): blk.N.ffn_gate.E.weight
+_PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
+
+
+# Per GGUF architecture: layer tensor names that mean something else there than in LAYER_NAMES.
+ARCH_LAYER_NAMES = {
+    # Gemma 2/3 wrap attention and MLP in norms: ffn_norm is the MLP's pre-norm, not post_attention_layernorm.
+    arch: {
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+        "attn_q_norm.weight": "self_attn.q_norm.weight",
+        "attn_k_norm.weight": "self_attn.k_norm.weight",
+    }
+    for arch in ("gemma2", "gemma3")
+}
+# Phi-3's fused gate and up projection (gate rows first, in both layouts) is its ffn_up.
+ARCH_LAYER_NAMES["phi3"] = {"ffn_up.weight": "mlp.gate_up_proj.weight"}
+# Tensors that are config, not weights: llama.cpp keeps Phi-3's longrope factors as tensors.
+ROPE_FACTOR_TENSORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
+
+
+def _gemma_extras(meta: Callable[..., Any], layers_27b: int) -> dict[str, Any]:
+    hidden, heads = meta("embedding_length"), meta("attention.head_count")
+    # No query_pre_attn_scalar in GGUF: llama.cpp scales scores by 1/sqrt(key_length), except for the 27B models
+    # (known by their layer count), whose scalar is hidden_size / heads.
+    head_dim, big = meta("attention.key_length", hidden // heads), meta("block_count") == layers_27b
+    extras = {"query_pre_attn_scalar": hidden // heads if big else head_dim}
+    keys = {
+        "attention.sliding_window": "sliding_window",
+        "attn_logit_softcapping": "attn_logit_softcapping",
+        "final_logit_softcapping": "final_logit_softcapping",
+        "rope.freq_base_swa": "rope_local_base_freq",
+    }
+    # Absent keys keep the defaults of transformers' config class (and llama.cpp's): see MODEL_TYPE_DEFAULTS.
+    extras.update({hf: meta(key) for key, hf in keys.items() if meta(key) is not None})
+    pattern = meta("attention.sliding_window_pattern")
+    if isinstance(pattern, int):
+        extras["sliding_window_pattern"] = pattern
+    elif pattern is not None:  # one flag per layer, true for sliding-window layers
+        extras["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    return extras
+
+
+def _phi3_extras(meta: Callable[..., Any]) -> dict[str, Any]:
+    extras: dict[str, Any] = {}
+    if meta("attention.sliding_window"):  # 0 is none (Phi-4)
+        extras["sliding_window"] = meta("attention.sliding_window")
+    if meta("rope.scaling.original_context_length") is not None:
+        extras["original_max_position_embeddings"] = meta("rope.scaling.original_context_length")
+    head_dim = meta("embedding_length") // meta("attention.head_count")
+    rotary = meta("rope.dimension_count", head_dim)
+    if rotary != head_dim:  # Phi-4-mini rotates 3/4 of each head
+        extras["partial_rotary_factor"] = rotary / head_dim
+    return extras
+
+
+def _granite_extras(meta: Callable[..., Any]) -> dict[str, Any]:
+    # The converter renames Granite's multipliers to scales and writes only those that are not zero.
+    keys = {
+        "embedding_scale": "embedding_multiplier",
+        "residual_scale": "residual_multiplier",
+        "attention.scale": "attention_multiplier",
+        "logit_scale": "logits_scaling",
+    }
+    return {hf: meta(key) for key, hf in keys.items() if meta(key) is not None}
+
+
+def _moe_extras(meta: Callable[..., Any], model_type: str) -> dict[str, Any]:
+    extras = {
+        "model_type": model_type,
+        "num_experts": meta("expert_count"),
+        "num_experts_per_tok": meta("expert_used_count"),
+        "use_sliding_window": False,
+    }
+    if model_type != "mixtral":  # Mixtral's experts are feed_forward_length wide
+        extras["moe_intermediate_size"] = meta("expert_feed_forward_length")
+        # llama.cpp renormalises the top-k weights for qwen3moe, not for qwen2moe, unless the file says
+        extras["norm_topk_prob"] = meta("expert_weights_norm", model_type == "qwen3_moe")
+    if model_type == "qwen2_moe":
+        extras["shared_expert_intermediate_size"] = meta("expert_shared_feed_forward_length")
+    return extras
 
 
 def open_gguf(path: Path) -> GGUFFile:
@@ -104,6 +228,13 @@ def gguf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         config["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
     elif scaling not in (None, "none"):
         raise ValueError(f"{path.name}: rope scaling {scaling!r} in GGUF is not supported yet")
+    factors = {
+        ROPE_FACTOR_TENSORS[t.name]: _dequantize(t).tolist()
+        for t in reader.tensors
+        if t.name in ROPE_FACTOR_TENSORS
+    }
+    if factors:
+        config["rope_scaling"] = {"rope_type": "longrope", **factors}
     if arch in CONFIG_EXTRAS:
         config.update(CONFIG_EXTRAS[arch](meta))
     missing = [
@@ -116,12 +247,15 @@ def gguf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     return config
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str | None = None) -> str | None:
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
+    names = {**LAYER_NAMES, **ARCH_LAYER_NAMES[arch]} if arch in ARCH_LAYER_NAMES else LAYER_NAMES
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}"
+    if m := _PER_EXPERT.fullmatch(gguf_name):
+        return f"model.layers.{m[1]}.mlp.experts.{m[3]}.{m[2]}_proj.weight"
     return None
 
 
@@ -167,7 +301,9 @@ def read_gguf_tensors(
 def _read_tensors(reader: GGUFFile, config: dict[str, Any], path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     arch = field_value(reader, "general.architecture")
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        if tensor.name in ROPE_FACTOR_TENSORS:
+            continue  # read into the config
+        name = hf_name(tensor.name, arch)
         if name is None:
             raise ValueError(f"{path.name}: unexpected tensor {tensor.name!r} for architecture {arch!r}")
         heads = None

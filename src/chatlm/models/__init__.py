@@ -11,6 +11,16 @@ ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "mistral": ("llama", "LlamaForCausalLM"),
     "qwen2": ("llama", "LlamaForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
+    "olmo2": ("olmo2", "Olmo2ForCausalLM"),
+    "granite": ("granite", "GraniteForCausalLM"),
+    "gemma": ("gemma", "GemmaForCausalLM"),
+    "gemma2": ("gemma", "GemmaForCausalLM"),
+    "gemma3_text": ("gemma", "GemmaForCausalLM"),
+    "mixtral": ("moe", "MoeForCausalLM"),
+    "qwen2_moe": ("moe", "MoeForCausalLM"),
+    "qwen3_moe": ("moe", "Qwen3MoeForCausalLM"),
 }
 
 

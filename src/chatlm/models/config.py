@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su")
 
 
 @dataclass
@@ -35,6 +35,18 @@ class ModelConfig:
     use_sliding_window: bool | None = None
     max_window_layers: int | None = None
     layer_types: list[str] | None = None
+    partial_rotary_factor: float = (
+        1.0  # the share of each head's channels that rope rotates (Phi-4-mini: 0.75)
+    )
+    # Gemma 2/3: hidden_activation is their name for the MLP activation; scores scale by
+    # 1/sqrt(query_pre_attn_scalar); a softcap maps scores (attn_) or logits (final_) to cap * tanh(x / cap);
+    # sliding layers rotate with rope_local_base_freq; every sliding_window_pattern-th layer is global.
+    hidden_activation: str | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    rope_local_base_freq: float | None = None
+    sliding_window_pattern: int | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -46,15 +58,33 @@ class ModelConfig:
         raw = dict(raw)
         if "model_type" not in raw:
             raise ValueError("config.json has no model_type")
+        if raw["model_type"] == "gemma3" and isinstance(raw.get("text_config"), dict):
+            # Gemma 3's image-text checkpoints: the language model is text_config (the vision tower is not loaded).
+            # transformers' image-text model applies no final softcapping (Gemma 3's releases have none anyway).
+            outer = {k: raw[k] for k in _OUTER_KEYS if raw.get(k) is not None}
+            outer.update(model_type="gemma3_text", final_logit_softcapping=None)
+            raw = {**raw["text_config"], **outer}
         # transformers 5 writes rope settings as rope_parameters; older files use rope_theta + rope_scaling.
         rope = raw.pop("rope_parameters", None)
+        if rope and ("full_attention" in rope or "sliding_attention" in rope):
+            # Per attention type (Gemma 3): sliding layers have a base of their own, global ones the usual keys.
+            local = rope.get("sliding_attention") or {}
+            if local.get("rope_type", local.get("type", "default")) != "default":
+                raise ValueError("rope scaling on sliding-window layers is not supported")
+            if "rope_theta" in local:
+                raw.setdefault("rope_local_base_freq", local["rope_theta"])
+            rope = rope.get("full_attention")
         if rope:
             rope = dict(rope)
             raw.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+            if "partial_rotary_factor" in rope:
+                raw.setdefault("partial_rotary_factor", rope.pop("partial_rotary_factor"))
             if rope.get("rope_type", rope.get("type", "default")) != "default":
                 raw.setdefault("rope_scaling", rope)
         if raw.get("dtype") is not None:
             raw.setdefault("torch_dtype", raw["dtype"])
+        for key, value in MODEL_TYPE_DEFAULTS.get(raw["model_type"], {}).items():
+            raw.setdefault(key, value)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names}
         missing = [f.name for f in dataclasses.fields(cls) if f.name in _REQUIRED and f.name not in known]
@@ -96,6 +126,8 @@ class ModelConfig:
     def _default_layer_type(self, index: int) -> str:
         if self.sliding_window is None or self.use_sliding_window is False:
             return "full_attention"
+        if self.sliding_window_pattern:  # Gemma 2/3: layers pattern-1, 2*pattern-1, ... are global
+            return "sliding_attention" if (index + 1) % self.sliding_window_pattern else "full_attention"
         if self.use_sliding_window and self.max_window_layers is not None and index < self.max_window_layers:
             return "full_attention"
         return "sliding_attention"
@@ -109,5 +141,49 @@ class ModelConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **out}
 
+
+# What transformers' config class for a model_type assumes when config.json omits a key, where that differs from
+# the defaults above: a sparse config.json must mean the same model here as there.
+_GEMMA = dict(head_dim=256, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")
+MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": dict(_GEMMA, hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192),
+    "gemma2": dict(
+        _GEMMA,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        sliding_window_pattern=2,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        max_position_embeddings=8192,
+    ),
+    "gemma3_text": dict(
+        _GEMMA,
+        # the Hub's image-text configs give only what differs from these (the 4B's size)
+        vocab_size=262_208,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        sliding_window_pattern=6,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0,
+        max_position_embeddings=131_072,
+    ),
+    # (the number of experts, which has two names, defaults in models/moe.py)
+    "mixtral": dict(num_experts_per_tok=2, rope_theta=1_000_000.0, rms_norm_eps=1e-5),
+    "qwen2_moe": dict(
+        num_experts_per_tok=4,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        use_sliding_window=False,
+    ),
+    "qwen3_moe": dict(num_experts_per_tok=8, moe_intermediate_size=768, use_sliding_window=False),
+}
+
+# What a composite config (gemma3: text_config + vision_config) says for the whole model, over text_config.
+_OUTER_KEYS = ("tie_word_embeddings", "dtype", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id")
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

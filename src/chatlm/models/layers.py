@@ -41,12 +41,18 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, after any rope scaling (float32, shape (head_dim/2,))."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+def rope_inverse_frequencies(config: ModelConfig, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, after any rope scaling (float32, shape (rotary_dim/2,)).
+    ``long`` picks longrope's long factors (see `longrope_context`)."""
+    dim = int(config.head_dim * config.partial_rotary_factor)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("longrope", "su"):  # "su": Phi-3's first name for longrope
+        # Each frequency is divided by its own factor; 1 / (factor * base**e) rounds as transformers does.
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * config.rope_theta**exponents)
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
@@ -67,28 +73,92 @@ def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos and sin tables for positions (B, T): each (B, T, head_dim), computed in float32."""
+def longrope_context(config: ModelConfig) -> int | None:
+    """The pre-training context of a longrope model (None for other rope types). As in transformers, a forward
+    call whose positions reach past it rotates with the long factors, any other with the short ones."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
+        return None
+    # A top-level original_max_position_embeddings (Phi-3's config.json) wins over the one in rope_scaling.
+    original = config.extra.get("original_max_position_embeddings")
+    return original or scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The factor on the cos and sin tables: longrope's attention factor (from the context extension when the
+    config gives none), 1 for the other rope types."""
+    original = longrope_context(config)
+    if original is None:
+        return 1.0
+    scaling = config.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return scaling["attention_factor"]
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos and sin tables for positions (B, T): each (B, T, rotary_dim), computed in float32 (and scaled by
+    ``scale`` there, before the cast)."""
     freqs = positions[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by the (B, T, head_dim) tables, in the half-split layout of HF checkpoints."""
+    """Rotate x (B, heads, T, head_dim) by the (B, T, rotary_dim) tables, in the half-split layout of HF
+    checkpoints. A partial rotary embedding (rotary_dim < head_dim) rotates the first rotary_dim channels only.
+    Float32 tables on a bf16 x rotate in float32 (OLMo 2 does); the result has x's dtype."""
+    if cos.shape[-1] != x.shape[-1]:
+        rotary = cos.shape[-1]
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Scaled dot-product attention with grouped K/V heads: q (B, heads, T, D), k and v (B, kv_heads, S, D).
-    No mask means plain causal attention: over a fresh prompt, or one new token seeing every cached key."""
+    No mask means plain causal attention: over a fresh prompt, or one new token seeing every cached key.
+    ``scale`` multiplies q.k before the softmax (None: 1/sqrt(D)); ``softcap`` maps the scaled scores s to
+    softcap * tanh(s / softcap) first (Gemma 2)."""
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
     causal = mask is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1], scale=scale
     )
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    # SDPA cannot transform the scores, so they are computed explicitly, in the order transformers' eager path
+    # uses (scale, cap, mask, softmax in float32, back to the input dtype before multiplying with v).
+    B, H, T, D = q.shape
+    kv_heads, S = k.shape[1], k.shape[2]
+    # Grouped heads without copying k and v: each kv head's group of query heads becomes one larger batch entry.
+    q = q.reshape(B, kv_heads, H // kv_heads * T, D)
+    scores = torch.matmul(q, k.transpose(-1, -2)).view(B, kv_heads, H // kv_heads, T, S) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and T > 1:  # a fresh prompt: plain causal
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        # (B or 1, 1, T, S) -> (B or 1, 1, 1, T, S), against scores of (B, kv_heads, group, T, S)
+        mask = mask if mask.dim() == 2 else mask.unsqueeze(2)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(B, kv_heads, H // kv_heads * T, S), v)
+    return out.view(B, H, T, D)
 
 
 def attention_masks(

@@ -12,42 +12,57 @@ from .layers import GatedMLP, RMSNorm, apply_rope, attention
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with rope. Families change it by overriding ``make_projections`` (fused weights)
+    and ``project`` (norms on q and k), or by setting ``scale``."""
+
     def __init__(self, config: ModelConfig, layer_index: int, qkv_bias: bool):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.attention_type = config.layer_types[layer_index]
-        hidden, q_dim, kv_dim = (
-            config.hidden_size,
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
+        self.scale: float | None = None  # the softmax scale; None is 1/sqrt(head_dim)
+        self.q_dim, self.kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.make_projections(config.hidden_size, qkv_bias)
+        self.o_proj = nn.Linear(self.q_dim, config.hidden_size, bias=config.attention_bias)
+
+    def make_projections(self, hidden: int, bias: bool) -> None:
+        self.q_proj = nn.Linear(hidden, self.q_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.kv_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.kv_dim, bias=bias)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, heads * head_dim) -> (B, heads, T, head_dim)"""
+        return x.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v of x (B, T, hidden), split into heads, before rope."""
+        return (
+            self.split_heads(self.q_proj(x)),
+            self.split_heads(self.k_proj(x)),
+            self.split_heads(self.v_proj(x)),
         )
-        self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=config.attention_bias)
 
     def forward(self, x, cos, sin, masks, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        # (B, heads, T, head_dim)
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        out = attention(q, k, v, masks[self.attention_type])
+        out = attention(q, k, v, masks[self.attention_type], self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class DecoderLayer(nn.Module):
+    attention_class = Attention
+    mlp_class = GatedMLP
+
     def __init__(self, config: ModelConfig, layer_index: int, qkv_bias: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index, qkv_bias)
+        self.self_attn = self.attention_class(config, layer_index, qkv_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config)
+        self.mlp = self.mlp_class(config)
 
     def forward(self, x, cos, sin, masks, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
@@ -55,26 +70,25 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, layer_class: type[nn.Module] = DecoderLayer):
         super().__init__()
         # An explicit weight skips nn.Embedding's random init (which costs a one-off ~1 s import of torch._dynamo).
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, qkv_bias) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(layer_class(config, i, qkv_bias) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(CausalLM):
     # Qwen2 is Llama with biases on q, k and v; Mistral is Llama with a sliding window (from its config).
     QKV_BIAS = {"qwen2": True}
+    layer_class: type[nn.Module] = DecoderLayer  # the other families built on Llama swap in their layers
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         qkv_bias = self.QKV_BIAS.get(config.model_type, config.attention_bias)
-        self.model = LlamaModel(config, qkv_bias)
+        self.model = LlamaModel(config, qkv_bias, self.layer_class)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
