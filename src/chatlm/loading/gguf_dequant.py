@@ -2,8 +2,8 @@
 
 Each dequantizer computes exactly what `gguf.quants.dequantize` (the numpy reference) computes, operation for
 operation in float32 (``d * q`` then ``+ m``, never a fused multiply-add), so the results are bit-identical (but
-for the payload bits of F16 NaNs, which torch's conversion may quiet); it is only faster. Types we have no
-dequantizer for (the other IQ types, the TQ family, MXFP4, ...) go to the reference.
+for the payload bits of F16 NaNs, which torch's conversion may quiet), and faster (benchmarks/bench_dequant.py).
+Types we have no dequantizer for (the other IQ types, the TQ family, MXFP4, ...) go to the reference.
 
 Integer fields are unpacked several bytes at a time (shifts and masks on int64 words), the float work runs on
 whole blocks, and tensors are processed in steps small enough to stay in cache and on the calling thread.
@@ -39,11 +39,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 Q = GGMLQuantizationType
 QK_K = 256
 
-# Values per step. Below torch's parallel grain size (32768 elements) every op runs on the calling thread. Small
-# serial steps keep the working set in cache, and on a machine whose cores are busy they avoid the cost of waking
-# an OpenMP team for each of thousands of small ops (which we measured at milliseconds per op on a loaded 2-core
-# machine, turning a 0.3 s load into tens of seconds).
-_CHUNK_VALUES = 32768 - 256
+# Values per step: 1 MB of float32 output, which stays in cache. Steps far below this (we had 32K values, to keep
+# each op on the calling thread) pay torch's per-op overhead thousands of times: measured 2.5-4x slower for Q8_0,
+# Q4_K, Q6_K and IQ4_XS on an idle 2-core machine, while on a busy one neither size won clearly.
+_CHUNK_VALUES = 262144
 
 
 def _f16s(b: torch.Tensor, start: int, count: int = 1) -> torch.Tensor:
