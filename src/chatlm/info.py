@@ -426,5 +426,9 @@ def format_info(info: ModelInfo) -> str:
             f"  decode estimates: {_bytes(info.bandwidth_bytes_per_s)}/s measured on {info.bandwidth_device} / "
             f"(weights per token + KV cache of {info.estimate_context_tokens:,} tokens); upper bounds"
         )
+        lines.append(
+            "  chatlm computes with float32 or bfloat16 weights (quantized files are dequantized when loaded): "
+            "the other rows are what a reader of those formats would need"
+        )
     lines.extend(f"  note: {note}" for note in info.notes)
     return "\n".join(lines)
