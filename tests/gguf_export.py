@@ -205,6 +205,9 @@ TENSOR_TYPES = {
     "F32": gguf.GGMLQuantizationType.F32,
     "F16": gguf.GGMLQuantizationType.F16,
     "Q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "Q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "Q4_1": gguf.GGMLQuantizationType.Q4_1,
+    "Q5_0": gguf.GGMLQuantizationType.Q5_0,
 }
 
 
@@ -368,6 +371,9 @@ def export_gguf(
             "F32": gguf.LlamaFileType.ALL_F32,
             "F16": gguf.LlamaFileType.MOSTLY_F16,
             "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+            "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+            "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
         }[tensor_type]
     )
     writer.write_header_to_file()

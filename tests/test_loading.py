@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from chatlm import BitsAndBytesConfig, QuantizationConfig
+from chatlm import BitsAndBytesConfig
 from chatlm.auto import AutoModelForCausalLM
 from gguf_export import export_gguf, quantize_dequantize
 
@@ -200,8 +200,8 @@ def test_bad_configs(tmp_path, tiny_checkpoints, changes, match):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}, ValueError, "4-bit"),
-        ({"quantization_config": QuantizationConfig(load_in_8bit=True)}, ValueError, "8-bit"),
+        ({"quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}, ValueError, "nf4"),
+        ({"quantization_config": {"load_in_8bit": True, "group_size": 64}}, ValueError, "4-bit"),
         ({"quantization_config": "int4"}, TypeError, "quantization_config"),
         ({"torch_dtype": "float64"}, ValueError, "float64"),
         ({"device_map": "tpu"}, ValueError, "tpu"),

@@ -66,11 +66,17 @@ def test_model_kwargs_and_dtype(tiny_checkpoints):
     assert p.model.dtype == torch.bfloat16
     out = p("hello", max_new_tokens=3, do_sample=False)
     assert out[0]["generated_text"].startswith("hello")
-    with pytest.raises(ValueError, match="4-bit"):
+    quantized = pipeline(
+        "text-generation",
+        str(tiny_checkpoints["llama"]),
+        model_kwargs={"quantization_config": BitsAndBytesConfig(load_in_4bit=True)},
+    )
+    assert quantized.model.quantization_config.bits == 4
+    with pytest.raises(ValueError, match="nf4"):
         pipeline(
             "text-generation",
             str(tiny_checkpoints["llama"]),
-            model_kwargs={"quantization_config": BitsAndBytesConfig(load_in_4bit=True)},
+            quantization_config={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
         )
 
 

@@ -16,7 +16,13 @@ from .loading.safetensors_weights import read_safetensors
 from .modeling import CausalLM
 from .models import model_class
 from .models.config import ModelConfig
-from .quantization import check_quantization
+from .quantization import (
+    GGUFBlocks,
+    QuantizationConfig,
+    check_quantization,
+    quantize_modules,
+    quantized_slots,
+)
 
 DTYPES = {
     "float32": torch.float32,
@@ -78,8 +84,10 @@ def load_state(
     device: torch.device,
     source: str,
 ) -> None:
-    """Assign every parameter exactly once, converting each tensor as it arrives (no second full copy)."""
+    """Assign every parameter exactly once, converting each tensor as it arrives (no second full copy).
+    Weights of quantized modules go to their ``load_weight``, which quantizes them as they come."""
     params = dict(model.named_parameters())
+    quantized = quantized_slots(model)
     loaded: set[str] = set()
     parts = PartAssembler(params, dtype, device, source)  # parameters stacked from pieces (MoE experts)
     for origin, tensor in tensors:
@@ -88,6 +96,15 @@ def load_state(
         name, index = model.checkpoint_slot(origin)
         if name is None:
             continue  # a part of the checkpoint the model does not use (Gemma 3's vision tower)
+        if name in quantized and not index:
+            if name in loaded:
+                raise ValueError(f"{source}: tensor {origin!r} appears twice")
+            _check_shape(source, name, tensor.shape, quantized[name].weight_shape)
+            quantized[name].load_weight(tensor)
+            loaded.add(name)
+            continue
+        if isinstance(tensor, GGUFBlocks):
+            tensor = tensor.dequantize()
         if name not in params:
             raise ValueError(f"{source}: unexpected tensor {origin!r} for a {model.config.model_type} model")
         if name in loaded or (not index and name in parts):
@@ -96,10 +113,7 @@ def load_state(
             tensor = parts.add(name, index, tensor, origin)
             if tensor is None:
                 continue  # more pieces to come
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(params[name].shape)}"
-            )
+        _check_shape(source, name, tensor.shape, params[name].shape)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
@@ -107,10 +121,17 @@ def load_state(
     if model.config.tie_word_embeddings and "lm_head.weight" not in loaded:
         model.tie_weights()
         loaded.add("lm_head.weight")
-    missing = sorted(set(params) - loaded)
+    missing = sorted((set(params) | set(quantized)) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{source}: the checkpoint lacks {shown}")
+
+
+def _check_shape(source: str, name: str, shape, expected) -> None:
+    if tuple(shape) != tuple(expected):
+        raise ValueError(
+            f"{source}: tensor {name!r} has shape {tuple(shape)}, the config implies {tuple(expected)}"
+        )
 
 
 class AutoModelForCausalLM:
@@ -132,22 +153,26 @@ class AutoModelForCausalLM:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError("pass either torch_dtype or dtype, not both")
-        check_quantization(quantization_config)
+        quantization = check_quantization(quantization_config, resolve_device(device_map))
         resolved = resolve_model(
             pretrained_model_name_or_path,
             gguf_file=gguf_file,
             **{k: v for k, v in kwargs.items() if k in HUB_OPTIONS},
         )
-        return load_model(resolved, torch_dtype if torch_dtype is not None else dtype, device_map)
+        return load_model(
+            resolved, torch_dtype if torch_dtype is not None else dtype, device_map, quantization
+        )
 
 
-def load_model(resolved: ResolvedModel, dtype=None, device_map=None) -> CausalLM:
+def load_model(
+    resolved: ResolvedModel, dtype=None, device_map=None, quantization: QuantizationConfig | None = None
+) -> CausalLM:
     device = resolve_device(device_map)
     if resolved.kind == "gguf":
         reader = gguf_model.open_gguf(resolved.path)
         raw = gguf_model.gguf_config(reader, resolved.path)
         config = ModelConfig.from_dict(raw)
-        tensors = gguf_model.read_gguf_tensors(reader, raw, resolved.path)
+        tensors = None  # read once the model says which weights it takes quantized
         total = len(reader.tensors)
         generation_config = None
     else:
@@ -159,6 +184,12 @@ def load_model(resolved: ResolvedModel, dtype=None, device_map=None) -> CausalLM
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = model_class(config)(config)
+    if quantization is not None:
+        quantize_modules(model, quantization, torch_dtype)
+    if tensors is None:
+        # GGUF blocks go as they are to the quantized modules that can keep them (Q4_0/Q4_1/Q4_K stay 4-bit)
+        keep = set(quantized_slots(model)) if quantization is not None else set()
+        tensors = gguf_model.read_gguf_tensors(reader, raw, resolved.path, keep_quantized=keep)
     load_state(
         model, _progress(tensors, f"loading {resolved.name}", total), torch_dtype, device, str(resolved.path)
     )

@@ -1,6 +1,7 @@
 """The command line: ``chatlm chat [MODEL]`` (interactive), ``chatlm run [MODEL] PROMPT`` (one shot) and
-``chatlm doctor [MODEL]`` (checks a model's chat template, tokenizer and stop tokens) and ``chatlm info [MODEL]``
-(parameters, memory, KV cache and speed estimates, read off the files without loading the weights)."""
+``chatlm doctor [MODEL]`` (checks a model's chat template, tokenizer and stop tokens), ``chatlm info [MODEL]``
+(parameters, memory, KV cache and speed estimates, read off the files without loading the weights) and
+``chatlm bench [MODEL]`` (load time, prefill and decode speed, memory and bandwidth use, perplexity)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES[1:], default=None, help="the KV cache's dtype (default: the model's)"
     )
     info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser(
+        "bench", help="load time, prefill and decode speed, memory, bandwidth use (and perplexity: --quality)"
+    )
+    bench.add_argument(
+        "model", nargs="?", help="local directory, .gguf file or Hub id (default: the bundled model)"
+    )
+    bench.add_argument(
+        "--dtype", choices=DTYPES[1:], default="float32", help="weights' dtype (default float32)"
+    )
+    bench.add_argument(
+        "--quantization",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="weight quantization (default none)",
+    )
+    bench.add_argument("--prompt-tokens", type=_positive_int, default=500, help="prompt length (default 500)")
+    bench.add_argument(
+        "--new-tokens", type=_positive_int, default=128, help="tokens to decode, at least 2 (default 128)"
+    )
+    bench.add_argument(
+        "--repeats", type=_positive_int, default=3, help="timed runs; the best counts (default 3)"
+    )
+    bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    bench.add_argument("--quality", action="store_true", help="also the perplexity on a shipped English text")
+    bench.add_argument("--window", type=_positive_int, default=None, help="perplexity window (default 1024)")
+    bench.add_argument(
+        "--stride", type=_positive_int, default=None, help="perplexity stride (default window/2)"
+    )
+    bench.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -255,6 +288,31 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     info = model_info(args.model, dtype=args.dtype, context_tokens=args.context)
     print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_bench, run_bench
+
+    def progress(line: str) -> None:
+        if sys.stderr.isatty():
+            print(f"chatlm bench: {line}", file=sys.stderr, flush=True)
+
+    result = run_bench(
+        args.model,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        quality=args.quality,
+        window=args.window,
+        stride=args.stride,
+        threads=args.threads,
+        device=args.device,
+        progress=progress,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
     return 0
 
 

@@ -164,11 +164,17 @@ class CausalLM(nn.Module):
             if exclude_embeddings
             else set()
         )
-        return sum(
+        count = sum(
             p.numel()
             for p in self.parameters()
             if id(p) not in skip and (p.requires_grad or not only_trainable)
         )
+        if getattr(self, "quantization_config", None) is not None and not only_trainable:
+            # int8/int4 weights are buffers, not parameters: count them as the float weights they stand for
+            from .quantization import quantized_weights
+
+            count += quantized_weights(self, exclude_embeddings)
+        return count
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes held by parameters (and buffers): what the weights cost in memory."""
@@ -179,4 +185,7 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            from .quantization import tie_quantized
+
+            if not tie_quantized(self):  # a quantized lm_head shares the embedding's int8 table
+                self.lm_head.weight = self.model.embed_tokens.weight

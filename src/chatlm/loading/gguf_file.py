@@ -16,6 +16,7 @@ Big-endian files are refused with a clear error.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import threading
@@ -200,6 +201,20 @@ class GGUFFile:
         lock mapped files (Windows) once the tensors have been read.
         """
         self._mm = None
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Let the kernel drop the pages of a tensor that has been read (copied out): they stop counting in this
+        process's resident memory, so loading a model never holds the whole file and the weights at once. The
+        map is private and never written, so a later read simply faults the file's pages in again."""
+        mm = self._mm
+        advise = getattr(mmap, "MADV_DONTNEED", None)
+        if mm is None or advise is None or not isinstance(getattr(mm, "_mmap", None), mmap.mmap):
+            return
+        page = mmap.PAGESIZE
+        start = -(-tensor.data_offset // page) * page  # whole pages inside the tensor only
+        stop = (tensor.data_offset + tensor.n_bytes) // page * page
+        if stop > start:
+            mm._mmap.madvise(advise, start, stop - start)
 
     def __enter__(self) -> GGUFFile:
         return self

@@ -2,20 +2,23 @@
 
 Files are read by our own parser (`gguf_file`, shared with the tokenizer through its cache). Quantized tensors
 are dequantized to float32 by `gguf_dequant` (bit-identical to the gguf package's numpy reference, which remains
-the fallback for rarer types) and then cast to the requested dtype: the engine computes in float/bfloat16 until
-quantized kernels land (as transformers does).
+the fallback for rarer types) and then cast to the requested dtype, as transformers does. With a
+``quantization_config``, the weights of quantized modules come as raw blocks instead (`GGUFBlocks`), and 4-bit
+blocks stay 4-bit (see `chatlm.quantization`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
+from ..quantization import GGUFBlocks
 from . import gguf_dequant
 from .gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, open_gguf_file
 
@@ -289,16 +292,31 @@ def _unpermute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return out
 
 
+def _keepable(tensor: GGUFTensor, arch: str, name: str) -> bool:
+    """Whether a tensor can go to a quantized module as raw blocks: block-quantized, a matrix, rows that can be
+    unpermuted whole, and no fix to apply to its float values."""
+    if len(tensor.shape) != 2 or tensor.ggml_type not in gguf_dequant.FAST_TYPES:
+        return False
+    if tensor.ggml_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        return False
+    probe = torch.empty(0, device="meta")
+    return arch not in TENSOR_FIXES or TENSOR_FIXES[arch](name, probe) is probe
+
+
 def read_gguf_tensors(
-    reader: GGUFFile, config: dict[str, Any], path: Path
-) -> Iterator[tuple[str, torch.Tensor]]:
+    reader: GGUFFile, config: dict[str, Any], path: Path, keep_quantized: Collection[str] = ()
+) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+    """(Hugging Face name, float32 tensor) per tensor; block-quantized tensors named in ``keep_quantized`` come
+    as their raw blocks (`GGUFBlocks`, rows already in Hugging Face order) for a quantized module to keep."""
     try:
-        yield from _read_tensors(reader, config, path)
+        yield from _read_tensors(reader, config, path, keep_quantized)
     finally:
         reader.close()  # the weights are copies: the map of the file is not needed any more
 
 
-def _read_tensors(reader: GGUFFile, config: dict[str, Any], path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(
+    reader: GGUFFile, config: dict[str, Any], path: Path, keep_quantized: Collection[str] = ()
+) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
     arch = field_value(reader, "general.architecture")
     for tensor in reader.tensors:
         if tensor.name in ROPE_FACTOR_TENSORS:
@@ -312,6 +330,14 @@ def _read_tensors(reader: GGUFFile, config: dict[str, Any], path: Path) -> Itera
         elif arch in PERMUTED_QK and name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = config["num_key_value_heads"]
         shape = tensor.shape
+        whole_rows = heads is None or shape[0] % (2 * heads) == 0
+        if name in keep_quantized and whole_rows and _keepable(tensor, arch, name):
+            raw = tensor.torch_bytes().view(shape[0], -1)
+            if heads is not None:
+                raw = _unpermute_rows(raw, heads)
+            yield name, GGUFBlocks(raw, tensor.ggml_type, shape)
+            reader.release(tensor)  # its blocks are in the model now
+            continue
         try:
             if heads is not None and len(shape) == 2 and shape[0] % (2 * heads) == 0:
                 raw = _unpermute_rows(tensor.torch_bytes().view(shape[0], -1), heads)
@@ -327,3 +353,4 @@ def _read_tensors(reader: GGUFFile, config: dict[str, Any], path: Path) -> Itera
         if arch in TENSOR_FIXES:
             weight = TENSOR_FIXES[arch](name, weight)
         yield name, weight
+        reader.release(tensor)
