@@ -74,6 +74,29 @@ SYNTHETIC_1B = dict(
 
 
 # --- workers ------------------------------------------------------------------------------------------------------
+
+
+def _record(load_s, ttft, prefill_tps, decode_tps, rss_mib, weights, bandwidth, **extra) -> dict:
+    """One engine's figures, in the same keys for every engine; ``rss_mib`` is (baseline, after load, peak)."""
+    baseline, after_load, peak = rss_mib
+    return {
+        "load_s": load_s,
+        "ttft_s": ttft,
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens_per_s": decode_tps,
+        "rss_baseline_mib": baseline,
+        "rss_after_load_mib": after_load,
+        "peak_rss_mib": peak,
+        "peak_rss_increase_mib": peak - baseline,
+        "weights_bytes_per_token": weights,
+        "bandwidth_bytes_per_s": bandwidth,
+        "decode_bytes_per_s": weights * decode_tps,
+        "bandwidth_fraction": weights * decode_tps / bandwidth,
+        "quality": None,
+        **extra,
+    }
+
+
 def _common_prompt(length: int) -> list[int]:
     from chatlm.bench import prompt_from_text
     from chatlm.tokenizer import AutoTokenizer
@@ -140,22 +163,16 @@ def worker_transformers(args) -> dict:
     peak = peak_rss_mib()
     weights = decode_weight_bytes(model)
     decode = max(r.decode_tps for r in runs)
-    result = {
-        "load_s": load_s,
-        "ttft_s": min(r.ttft_s for r in runs),
-        "prefill_tokens_per_s": max(r.prefill_tps for r in runs),
-        "decode_tokens_per_s": decode,
-        "rss_baseline_mib": baseline,
-        "rss_after_load_mib": after_load,
-        "peak_rss_mib": peak,
-        "peak_rss_increase_mib": peak - baseline,
-        "weights_bytes_per_token": weights,
-        "bandwidth_bytes_per_s": bandwidth,
-        "decode_bytes_per_s": weights * decode,
-        "bandwidth_fraction": weights * decode / bandwidth,
-        "threads": torch.get_num_threads(),
-        "quality": None,
-    }
+    result = _record(
+        load_s,
+        min(r.ttft_s for r in runs),
+        max(r.prefill_tps for r in runs),
+        decode,
+        (baseline, after_load, peak),
+        weights,
+        bandwidth,
+        threads=torch.get_num_threads(),
+    )
     if args.quality:
         from chatlm.quality import DEFAULT_TEXT, perplexity
         from chatlm.tokenizer import AutoTokenizer
@@ -221,23 +238,17 @@ def worker_llama_cpp(args) -> dict:
     weights = _gguf_bytes_per_token(path)
     ttft = min(r[0] for r in runs)
     decode = max(r[1] for r in runs)
-    return {
-        "load_s": load_s,
-        "ttft_s": ttft,
-        "prefill_tokens_per_s": len(prompt) / ttft,
-        "decode_tokens_per_s": decode,
-        "rss_baseline_mib": baseline,
-        "rss_after_load_mib": after_load,
-        "peak_rss_mib": peak,
-        "peak_rss_increase_mib": peak - baseline,
-        "weights_bytes_per_token": weights,
-        "bandwidth_bytes_per_s": bandwidth,
-        "decode_bytes_per_s": weights * decode,
-        "bandwidth_fraction": weights * decode / bandwidth,
-        "threads": args.threads,
-        "quality": None,
-        "version": getattr(llama_cpp, "__version__", "?"),
-    }
+    return _record(
+        load_s,
+        ttft,
+        len(prompt) / ttft,
+        decode,
+        (baseline, after_load, peak),
+        weights,
+        bandwidth,
+        threads=args.threads,
+        version=getattr(llama_cpp, "__version__", "?"),
+    )
 
 
 WORKERS = {"chatlm": worker_chatlm, "transformers": worker_transformers, "llama.cpp": worker_llama_cpp}
