@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 # --- configs --------------------------------------------------------------------------------------------------
 
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
@@ -336,16 +338,24 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != self.compute_dtype:
-            x2 = x2.to(self.compute_dtype)
-        y = self._kernel(x2) if x2.shape[0] <= self._kernel_rows else self._tiled(x2)
-        if self.bits == 8:
-            y = y * self.scales  # the int8 scales, applied in float32 (type promotion) to the output channels
+        y = None
+        if self.bits == 8 and x2.shape[0] <= KERNEL_MAX_ROWS[8]:
+            y = kernels.int8_linear(x2, self.qweight, self.scales)  # float32 throughout, scales applied
+        if y is None:
+            y = self._torch_forward(x2)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        y = self._kernel(x) if x.shape[0] <= self._kernel_rows else self._tiled(x)
+        if self.bits == 8:
+            y = y * self.scales  # the int8 scales, applied in float32 (type promotion) to the output channels
+        return y
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:

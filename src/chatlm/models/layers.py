@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .config import ModelConfig
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -20,6 +21,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = kernels.rms_norm(x, self.weight, self.eps)  # one call instead of seven small ops
+        if fused is not None:
+            return fused
         # Normalise in float32 and cast back before the weight, as transformers does (matters in bf16).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -135,6 +139,10 @@ def attention(
     softcap * tanh(s / softcap) first (Gemma 2)."""
     if softcap is not None:
         return _softcapped_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
+    if mask is None and q.shape[2] == 1:  # decoding: one token over the whole cache
+        out = kernels.attend_one(q, k, v, scale)
+        if out is not None:
+            return out
     causal = mask is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1], scale=scale

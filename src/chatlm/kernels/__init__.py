@@ -1,0 +1,82 @@
+"""Native CPU kernels for decoding (``cpu_kernels.c``, built by ``native``), behind functions that say when they
+apply: each returns None where it does not (another device or dtype, a shape it does not take, no compiler), and
+the caller falls back to torch."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import native
+
+_FLOAT = (torch.float32, torch.bfloat16)
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    """On the CPU, outside autograd (the kernels have no backward), with the library built."""
+    return (
+        all(t.device.type == "cpu" and not t.requires_grad for t in tensors) and native.library() is not None
+    )
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x (m, k) @ (qweight (n, k) int8 * scales (n,) float32)^T in float32 (m, n); x is read as float32."""
+    n, k = qweight.shape
+    if n % 4 or k % 16 or not _usable(x, qweight) or not qweight.is_contiguous():
+        return None
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    native.library().chatlm_q8_matmul(_ptr(x), x.shape[0], k, _ptr(qweight), _ptr(scales), n, _ptr(y))
+    return y
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor | None:
+    """Attention of one new token per row over all cached keys, no mask: q (B, heads, 1, D), k and v (B, kv_heads,
+    S, D) float32 or bfloat16 (views into the cache are fine). The result is (B, heads, 1, D) in q's dtype."""
+    B, H, T, D = q.shape
+    if (
+        T != 1
+        or k.dtype not in _FLOAT
+        or v.dtype != k.dtype
+        or k.stride(-1) != 1
+        or v.stride(-1) != 1
+        or H % k.shape[1]
+        or not _usable(q, k, v)
+    ):
+        return None
+    qf = q.reshape(B, H, D).float().contiguous()
+    out = torch.empty(B, H, D, dtype=torch.float32)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k, v)]
+    native.library().chatlm_attend_one(
+        _ptr(qf),
+        _ptr(k),
+        _ptr(v),
+        int(k.dtype == torch.bfloat16),
+        B,
+        H,
+        k.shape[1],
+        k.shape[2],
+        D,
+        strides[0],
+        strides[1],
+        D**-0.5 if scale is None else scale,
+        _ptr(out),
+    )
+    return out.to(q.dtype).view(B, H, 1, D)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """transformers' LlamaRMSNorm of x (..., dim) with a weight of x's dtype (float32 or bfloat16)."""
+    if x.dtype not in _FLOAT or weight.dtype != x.dtype or not x.is_contiguous() or not _usable(x, weight):
+        return None
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    native.library().chatlm_rms_norm(
+        _ptr(x), _ptr(weight), int(x.dtype == torch.bfloat16), x.numel() // dim, dim, eps, _ptr(out)
+    )
+    return out

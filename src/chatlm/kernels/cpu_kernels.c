@@ -1,0 +1,324 @@
+/* chatlm's CPU kernels for decoding: matrix-vector products on int4 and int8 weights, and attention of one new
+ * token over the KV cache. Decoding streams every weight once per token, so these read each weight byte once,
+ * keep activations and accumulators in float32, and split output rows across threads.
+ *
+ * Plain C with `omp simd` hints, compiled on the user's machine with -march=native (see native.py): the compiler
+ * picks the vector width (AVX-512, AVX2, NEON). Threads come from OpenMP, the runtime torch itself uses.
+ *
+ * int4 layout, per output row: runs of 16 bytes, each holding 32 inputs (byte j: input j in the low nibble, input
+ * j + 16 in the high one), as GGUF's Q4_0/Q4_1 blocks do; w = q * scale + min per group of `group` inputs, the
+ * scales and mins (rows, inputs / group) in float16 or float32. int8: w = q * scale[row].
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define ROWS 4 /* output rows per step: independent accumulators, one read of x for four rows */
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    float f;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        f = (float)mantissa * 5.9604644775390625e-08f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exponent == 31) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    }
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline float scale_at(const void *p, int is_f32, int64_t i) {
+    return is_f32 ? ((const float *)p)[i] : half_to_float(((const uint16_t *)p)[i]);
+}
+
+/* Dot products of one row of x with the int4 rows r0..r0+ROWS-1, scales not yet applied per group: for each
+ * group g, part = x_g . q_g is formed, then acc += scale_g * part. The caller adds the min terms. */
+#if defined(__AVX512F__)
+static inline void q4_dots(const float *x, const uint8_t *q, int64_t row_bytes, const void *scales, int scales_f32,
+                           int64_t groups, int64_t group, int64_t r0, float out[ROWS]) {
+    const __m128i low = _mm_set1_epi8(15);
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 part[ROWS];
+        for (int r = 0; r < ROWS; r++) part[r] = _mm512_setzero_ps();
+        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+            const __m512 x0 = _mm512_loadu_ps(x + b), x1 = _mm512_loadu_ps(x + b + 16);
+            for (int r = 0; r < ROWS; r++) {
+                const __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (r0 + r) * row_bytes + b / 2));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)));
+                const __m512 hi =
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)));
+                part[r] = _mm512_fmadd_ps(hi, x1, _mm512_fmadd_ps(lo, x0, part[r]));
+            }
+        }
+        for (int r = 0; r < ROWS; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scale_at(scales, scales_f32, (r0 + r) * groups + g)), part[r],
+                                     acc[r]);
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline void q4_dots(const float *x, const uint8_t *q, int64_t row_bytes, const void *scales, int scales_f32,
+                           int64_t groups, int64_t group, int64_t r0, float out[ROWS]) {
+    const __m128i low = _mm_set1_epi8(15);
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 part[ROWS];
+        for (int r = 0; r < ROWS; r++) part[r] = _mm256_setzero_ps();
+        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+            const __m256 x0 = _mm256_loadu_ps(x + b), x1 = _mm256_loadu_ps(x + b + 8);
+            const __m256 x2 = _mm256_loadu_ps(x + b + 16), x3 = _mm256_loadu_ps(x + b + 24);
+            for (int r = 0; r < ROWS; r++) {
+                const __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (r0 + r) * row_bytes + b / 2));
+                const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+                __m256 p = part[r];
+                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0, p);
+                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo))), x1, p);
+                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, p);
+                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi))), x3, p);
+                part[r] = p;
+            }
+        }
+        for (int r = 0; r < ROWS; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale_at(scales, scales_f32, (r0 + r) * groups + g)), part[r],
+                                     acc[r]);
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = sum8(acc[r]);
+}
+#else
+static inline void q4_dots(const float *x, const uint8_t *q, int64_t row_bytes, const void *scales, int scales_f32,
+                           int64_t groups, int64_t group, int64_t r0, float out[ROWS]) {
+    for (int r = 0; r < ROWS; r++) {
+        const uint8_t *qr = q + (r0 + r) * row_bytes;
+        float acc = 0.f;
+        for (int64_t g = 0; g < groups; g++) {
+            float part = 0.f;
+            for (int64_t b = g * group; b < (g + 1) * group; b += 32)
+                for (int j = 0; j < 16; j++)
+                    part += (float)(qr[b / 2 + j] & 15) * x[b + j] + (float)(qr[b / 2 + j] >> 4) * x[b + j + 16];
+            acc += scale_at(scales, scales_f32, (r0 + r) * groups + g) * part;
+        }
+        out[r] = acc;
+    }
+}
+#endif
+
+/* y (m, n) = x (m, k) @ W^T for int4 W (n, k); n % ROWS == 0, k % group == 0, group % 32 == 0. */
+void chatlm_q4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *q, const void *scales,
+                      const void *mins, int scales_f32, int64_t group, int64_t n, float *y) {
+    const int64_t groups = k / group, row_bytes = k / 2;
+    /* w = q * s + min, so x . w = sum_g s_g (x_g . q_g) + sum_g min_g * sum(x_g): the group sums of x once */
+    float *xsum = malloc(sizeof(float) * (size_t)(m * groups));
+    for (int64_t i = 0; i < m * groups; i++) {
+        float s = 0.f;
+        for (int64_t j = 0; j < group; j++) s += x[i * group + j];
+        xsum[i] = s;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+        for (int64_t t = 0; t < m; t++) { /* the ROWS weight rows stay in L1 across the rows of x */
+            float dots[ROWS];
+            q4_dots(x + t * k, q, row_bytes, scales, scales_f32, groups, group, r0, dots);
+            for (int r = 0; r < ROWS; r++) {
+                float total = dots[r];
+                for (int64_t g = 0; g < groups; g++)
+                    total += scale_at(mins, scales_f32, (r0 + r) * groups + g) * xsum[t * groups + g];
+                y[t * n + r0 + r] = total;
+            }
+        }
+    }
+    free(xsum);
+}
+
+/* Dot products of one row of x with the int8 rows r0..r0+ROWS-1. */
+#if defined(__AVX512F__)
+static inline void q8_dots(const float *x, const int8_t *q, int64_t k, int64_t r0, float out[ROWS]) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < k; b += 16) {
+        const __m512 xb = _mm512_loadu_ps(x + b);
+        for (int r = 0; r < ROWS; r++) {
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (r0 + r) * k + b));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), xb, acc[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline void q8_dots(const float *x, const int8_t *q, int64_t k, int64_t r0, float out[ROWS]) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < k; b += 8) {
+        const __m256 xb = _mm256_loadu_ps(x + b);
+        for (int r = 0; r < ROWS; r++) {
+            const __m128i bytes = _mm_loadl_epi64((const __m128i *)(q + (r0 + r) * k + b));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), xb, acc[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = sum8(acc[r]);
+}
+#else
+static inline void q8_dots(const float *x, const int8_t *q, int64_t k, int64_t r0, float out[ROWS]) {
+    for (int r = 0; r < ROWS; r++) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < k; j++) acc += (float)q[(r0 + r) * k + j] * x[j];
+        out[r] = acc;
+    }
+}
+#endif
+
+/* y (m, n) = (x (m, k) @ Q^T) * scale for int8 Q (n, k); n % ROWS == 0, k % 16 == 0. */
+void chatlm_q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales, int64_t n,
+                      float *y) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+        for (int64_t t = 0; t < m; t++) {
+            float dots[ROWS];
+            q8_dots(x + t * k, q, k, r0, dots);
+            for (int r = 0; r < ROWS; r++) y[t * n + r0 + r] = dots[r] * scales[r0 + r];
+        }
+    }
+}
+
+/* exp for x <= 0, to about 1 ulp: 2^n * p(r) with r = x - n ln 2 in [-ln2/2, ln2/2]; vectorizes. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float n = nearbyintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln 2 in two parts, for an exact r */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, 4);
+    return p * two_n;
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does (NaN stays NaN) */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* One cached row (float32 or bfloat16) as float32. */
+static inline void row_to_float(const void *base, int is_bf16, int64_t at, int64_t d, float *out) {
+    if (is_bf16) {
+        const uint16_t *p = (const uint16_t *)base + at;
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) out[j] = bf16_to_float(p[j]);
+    } else {
+        memcpy(out, (const float *)base + at, sizeof(float) * (size_t)d);
+    }
+}
+
+/* One query per (batch, head) over the first `length` cached keys and values, no mask:
+ * out (b, heads, d) = softmax(scale * q . k) v, with heads / kv_heads query heads sharing a kv head.
+ * k and v are float32 or bfloat16 with strides (batch, head, position) in elements; the last dimension is dense.
+ * Work is split by (batch, kv head, query head), each key and value row converted once per task. */
+void chatlm_attend_one(const float *q, const void *k, const void *v, int kv_bf16, int64_t batch, int64_t heads,
+                       int64_t kv_heads, int64_t length, int64_t d, const int64_t *k_strides,
+                       const int64_t *v_strides, float scale, float *out) {
+    const int64_t group = heads / kv_heads;
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(length + 2 * d));
+        float *row = scores + length;
+        float *acc = row + d;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < batch * heads; bh++) {
+            const int64_t b = bh / heads, kvh = (bh % heads) / group;
+            const float *qh = q + bh * d;
+            const int64_t k_base = b * k_strides[0] + kvh * k_strides[1];
+            const int64_t v_base = b * v_strides[0] + kvh * v_strides[1];
+            float top = -INFINITY;
+            for (int64_t s = 0; s < length; s++) {
+                const float *kr = kv_bf16 ? row : (const float *)k + k_base + s * k_strides[2];
+                if (kv_bf16) row_to_float(k, 1, k_base + s * k_strides[2], d, row);
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t j = 0; j < d; j++) dot += qh[j] * kr[j];
+                scores[s] = dot * scale;
+                top = scores[s] > top ? scores[s] : top;
+            }
+            float total = 0.f;
+#pragma omp simd reduction(+ : total)
+            for (int64_t s = 0; s < length; s++) {
+                scores[s] = exp_nonpositive(scores[s] - top);
+                total += scores[s];
+            }
+            for (int64_t j = 0; j < d; j++) acc[j] = 0.f;
+            for (int64_t s = 0; s < length; s++) {
+                const float *vr = kv_bf16 ? row : (const float *)v + v_base + s * v_strides[2];
+                if (kv_bf16) row_to_float(v, 1, v_base + s * v_strides[2], d, row);
+                /* bfloat16: the weights meet v in bfloat16, as in torch's attention (same outputs to the bit) */
+                const float p = kv_bf16 ? bf16_to_float(float_to_bf16(scores[s])) : scores[s];
+#pragma omp simd
+                for (int64_t j = 0; j < d; j++) acc[j] += p * vr[j];
+            }
+            float *o = out + bh * d;
+            for (int64_t j = 0; j < d; j++) o[j] = acc[j] / total;
+        }
+        free(scores);
+    }
+}
+
+/* RMSNorm over rows of `dim` values, float32 or bfloat16 in and out, in the order of operations of transformers'
+ * LlamaRMSNorm: h = x / sqrt(mean(x^2) + eps) in float32, cast to the input dtype, then times the weight (whose
+ * product is rounded to bfloat16 for bfloat16 tensors). */
+void chatlm_rms_norm(const void *x, const void *weight, int is_bf16, int64_t rows, int64_t dim, float eps,
+                     void *out) {
+#pragma omp parallel for schedule(static) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        float squares = 0.f;
+        if (is_bf16) {
+            const uint16_t *xr = (const uint16_t *)x + r * dim, *w = weight;
+            uint16_t *o = (uint16_t *)out + r * dim;
+#pragma omp simd reduction(+ : squares)
+            for (int64_t j = 0; j < dim; j++) squares += bf16_to_float(xr[j]) * bf16_to_float(xr[j]);
+            const float inv = 1.f / sqrtf(squares / (float)dim + eps);
+            for (int64_t j = 0; j < dim; j++) {
+                const float h = bf16_to_float(float_to_bf16(bf16_to_float(xr[j]) * inv));
+                o[j] = float_to_bf16(bf16_to_float(w[j]) * h);
+            }
+        } else {
+            const float *xr = (const float *)x + r * dim, *w = weight;
+            float *o = (float *)out + r * dim;
+#pragma omp simd reduction(+ : squares)
+            for (int64_t j = 0; j < dim; j++) squares += xr[j] * xr[j];
+            const float inv = 1.f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+            for (int64_t j = 0; j < dim; j++) o[j] = w[j] * (xr[j] * inv);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+"""Builds chatlm's C kernels (``cpu_kernels.c``) on first use and loads them with ctypes.
+
+The library is compiled for this very CPU (``-march=native``) with the C compiler found (``$CC``, ``cc``, ``gcc``
+or ``clang``) into ``~/.cache/chatlm/kernels`` (or ``$CHATLM_CACHE``), named by a hash of the source, the compiler,
+the flags and the CPU, so later runs load it in milliseconds and a changed machine or source builds afresh. It
+links OpenMP by soname, so it shares the runtime (and the thread count) torch already loaded.
+
+Without a compiler, or with ``CHATLM_NATIVE_KERNELS=0``, ``library()`` returns None and callers use torch's
+kernels; ``status()`` says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+_i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+SIGNATURES = {
+    "chatlm_q4_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _int, _i64, _i64, _ptr],
+    "chatlm_q8_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
+    "chatlm_attend_one": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32, _ptr],
+    "chatlm_rms_norm": [_ptr, _ptr, _int, _i64, _i64, _f32, _ptr],
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CHATLM_CACHE") or Path.home() / ".cache" / "chatlm"
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()])
+    )
+    target = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        flags = FLAGS
+        result = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True
+        )
+        if result.returncode != 0 and "-fopenmp" in flags:  # e.g. Apple clang: no OpenMP, one thread
+            flags = [f for f in flags if f != "-fopenmp"]
+            result = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True
+            )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them if needed; None where they cannot be had (see ``status``)."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"], _state["why"] = _load()
+    return _state["lib"]
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("CHATLM_NATIVE_KERNELS", "1") == "0":
+        return None, "disabled by CHATLM_NATIVE_KERNELS=0"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    import torch  # noqa: F401  (loads torch's OpenMP runtime first, so that the kernels share it)
+
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"building the kernels failed: {e}"
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib, f"built with {compiler} for this CPU ({path})"
+
+
+def status() -> str:
+    """One line: whether the native kernels are in use, and why not."""
+    lib = library()
+    return ("native kernels: " if lib else "native kernels: off, ") + str(_state["why"])

@@ -1,0 +1,137 @@
+"""chatlm's native CPU kernels against torch: int8 matrix-vector products, decode attention and RMSNorm, the
+build cache, and the fallback to torch when no compiler is there."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatlm import kernels
+from chatlm.kernels import native
+from chatlm.models.layers import RMSNorm
+from chatlm.quantization import quantize_int8
+
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler to build the kernels"
+)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def built():
+    assert native.library() is not None, native.status()
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(64, 32), (1536, 576), (100, 48)])
+def test_int8_linear_matches_dequantized_float64(m, n, k):
+    w = torch.randn(n, k, generator=gen(0)) * 0.05
+    q, scales = quantize_int8(w)
+    x = torch.randn(m, k, generator=gen(1))
+    expected = x.double() @ (q.double() * scales.double()[:, None]).T
+    got = kernels.int8_linear(x, q, scales)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    bound = 4 * 2.0**-24 * k * (x.abs().double() @ (q.double().abs() * scales.double()[:, None]).T)
+    assert ((got.double() - expected).abs() <= bound + 1e-30).all()
+
+
+def test_int8_linear_declines_shapes_it_does_not_take():
+    q, scales = quantize_int8(torch.randn(30, 64))  # 30 rows: not a multiple of 4
+    assert kernels.int8_linear(torch.randn(1, 64), q, scales) is None
+    q, scales = quantize_int8(torch.randn(32, 40))  # 40 inputs: not a multiple of 16
+    assert kernels.int8_linear(torch.randn(1, 40), q, scales) is None
+
+
+def cached(dtype, batch, kv_heads, capacity, length, d, seed):
+    """Keys and values as generation holds them: views of the first `length` slots of a larger cache."""
+    k = torch.randn(batch, kv_heads, capacity, d, generator=gen(seed)).to(dtype)
+    v = torch.randn(batch, kv_heads, capacity, d, generator=gen(seed + 1)).to(dtype)
+    return k[:, :, :length], v[:, :, :length]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,length", [(1, 9, 3, 500), (2, 4, 4, 1), (3, 8, 2, 37)])
+def test_attention_of_one_token_matches_sdpa_float32(batch, heads, kv_heads, length):
+    d = 64
+    k, v = cached(torch.float32, batch, kv_heads, length + 20, length, d, seed=2)
+    q = torch.randn(batch, heads, 1, d, generator=gen(4))
+    for scale in (None, 0.3):
+        expected = F.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), enable_gqa=True, scale=scale
+        )
+        got = kernels.attend_one(q, k, v, scale)
+        assert got.shape == q.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_attention_of_one_token_bfloat16_within_rounding():
+    k, v = cached(torch.bfloat16, 1, 2, 300, 257, 128, seed=5)
+    q = torch.randn(1, 8, 1, 128, generator=gen(6)).bfloat16()
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    got = kernels.attend_one(q, k, v, None)
+    assert got.dtype == torch.bfloat16
+    # the weights meet v in bfloat16 (as in torch's kernel), then one rounding of the output
+    torch.testing.assert_close(got.double(), exact, atol=2 * 2.0**-8 * v.abs().max().item(), rtol=0)
+    ours_err = (got.double() - exact).abs().mean()
+    torch_err = (F.scaled_dot_product_attention(q, k, v, enable_gqa=True).double() - exact).abs().mean()
+    assert ours_err <= 1.5 * torch_err
+
+
+def test_attention_declines_what_it_does_not_do():
+    k, v = cached(torch.float32, 1, 2, 10, 10, 16, seed=7)
+    assert kernels.attend_one(torch.randn(1, 4, 2, 16), k, v, None) is None  # two queries
+    assert kernels.attend_one(torch.randn(1, 3, 1, 16), k, v, None) is None  # 3 heads over 2 kv heads
+    assert kernels.attend_one(torch.randn(1, 4, 1, 16).double(), k.double(), v.double(), None) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 64), (1, 1, 9, 128)])
+def test_rms_norm_matches_torch_formula(dtype, shape):
+    norm = RMSNorm(shape[-1], 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=gen(8)) * 0.5 + 1)
+    x = (torch.randn(*shape, generator=gen(9)) * 3).to(dtype)
+    h = x.float()
+    expected = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    with torch.no_grad():
+        got = norm(x)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    else:  # the same roundings; the float32 sum of squares may differ in its last bit, moving a value a step
+        assert (got.float() - expected.float()).abs().le(2.0**-7 * expected.float().abs()).all()
+        assert (got == expected).float().mean() > 0.98
+
+
+def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATLM_CACHE", str(tmp_path))
+    compiler = native._compiler()
+    first = native._build(compiler)
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native._build(compiler) == first and first.stat().st_mtime_ns == stamp  # no rebuild
+    edited = tmp_path / "edited.c"
+    edited.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    assert native._build(compiler) != first
+
+
+def test_without_a_compiler_the_model_runs_on_torch(monkeypatch, tiny_checkpoints):
+    from chatlm import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=gen(10))
+    fast = model.generate(ids, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CC", raising=False)
+    assert native.library() is None and "no C compiler" in native.status()
+    slow = model.generate(ids, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    assert slow.sequences.tolist() == fast.sequences.tolist()
+    for a, b in zip(slow.scores, fast.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
