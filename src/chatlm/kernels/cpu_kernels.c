@@ -231,30 +231,84 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* One cached row (float32 or bfloat16) as float32. */
-static inline void row_to_float(const void *base, int is_bf16, int64_t at, int64_t d, float *out) {
-    if (is_bf16) {
-        const uint16_t *p = (const uint16_t *)base + at;
-#pragma omp simd
-        for (int64_t j = 0; j < d; j++) out[j] = bf16_to_float(p[j]);
-    } else {
-        memcpy(out, (const float *)base + at, sizeof(float) * (size_t)d);
+/* Vector helpers for rows of the cache (float32 or bfloat16): q . row, and acc += p * row, d % WIDTH == 0. */
+#if defined(__AVX512F__)
+#define WIDTH 16
+typedef __m512 vec;
+static inline vec vload(const void *base, int is_bf16, int64_t at) {
+    if (is_bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + at))), 16));
+    return _mm512_loadu_ps((const float *)base + at);
+}
+#define VZERO _mm512_setzero_ps()
+#define VFMA _mm512_fmadd_ps
+#define VSET1 _mm512_set1_ps
+#define VSUM _mm512_reduce_add_ps
+#define VADD _mm512_add_ps
+#define VLOADF _mm512_loadu_ps
+#define VSTOREF _mm512_storeu_ps
+#elif defined(__AVX2__) && defined(__FMA__)
+#define WIDTH 8
+typedef __m256 vec;
+static inline vec vload(const void *base, int is_bf16, int64_t at) {
+    if (is_bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + at))), 16));
+    return _mm256_loadu_ps((const float *)base + at);
+}
+#define VZERO _mm256_setzero_ps()
+#define VFMA _mm256_fmadd_ps
+#define VSET1 _mm256_set1_ps
+#define VSUM sum8
+#define VADD _mm256_add_ps
+#define VLOADF _mm256_loadu_ps
+#define VSTOREF _mm256_storeu_ps
+#endif
+
+static float row_dot(const float *q, const void *base, int is_bf16, int64_t at, int64_t d) {
+#ifdef WIDTH
+    if (d % WIDTH == 0) {
+        vec a = VZERO, b = VZERO;
+        int64_t j = 0;
+        for (; j + 2 * WIDTH <= d; j += 2 * WIDTH) {
+            a = VFMA(VLOADF(q + j), vload(base, is_bf16, at + j), a);
+            b = VFMA(VLOADF(q + j + WIDTH), vload(base, is_bf16, at + j + WIDTH), b);
+        }
+        if (j < d) a = VFMA(VLOADF(q + j), vload(base, is_bf16, at + j), a);
+        return VSUM(VADD(a, b));
     }
+#endif
+    float dot = 0.f;
+    for (int64_t j = 0; j < d; j++)
+        dot += q[j] * (is_bf16 ? bf16_to_float(((const uint16_t *)base)[at + j]) : ((const float *)base)[at + j]);
+    return dot;
+}
+
+static void row_axpy(float *acc, float p, const void *base, int is_bf16, int64_t at, int64_t d) {
+#ifdef WIDTH
+    if (d % WIDTH == 0) {
+        const vec pv = VSET1(p);
+        for (int64_t j = 0; j < d; j += WIDTH) VSTOREF(acc + j, VFMA(pv, vload(base, is_bf16, at + j), VLOADF(acc + j)));
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < d; j++)
+        acc[j] += p * (is_bf16 ? bf16_to_float(((const uint16_t *)base)[at + j]) : ((const float *)base)[at + j]);
 }
 
 /* One query per (batch, head) over the first `length` cached keys and values, no mask:
  * out (b, heads, d) = softmax(scale * q . k) v, with heads / kv_heads query heads sharing a kv head.
  * k and v are float32 or bfloat16 with strides (batch, head, position) in elements; the last dimension is dense.
- * Work is split by (batch, kv head, query head), each key and value row converted once per task. */
+ * For bfloat16 the softmax weights are rounded to bfloat16 before they meet v, as in torch's own kernel. */
 void chatlm_attend_one(const float *q, const void *k, const void *v, int kv_bf16, int64_t batch, int64_t heads,
                        int64_t kv_heads, int64_t length, int64_t d, const int64_t *k_strides,
                        const int64_t *v_strides, float scale, float *out) {
     const int64_t group = heads / kv_heads;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * (size_t)(length + 2 * d));
-        float *row = scores + length;
-        float *acc = row + d;
+        float *scores = malloc(sizeof(float) * (size_t)(length + d));
+        float *acc = scores + length;
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < batch * heads; bh++) {
             const int64_t b = bh / heads, kvh = (bh % heads) / group;
@@ -263,12 +317,7 @@ void chatlm_attend_one(const float *q, const void *k, const void *v, int kv_bf16
             const int64_t v_base = b * v_strides[0] + kvh * v_strides[1];
             float top = -INFINITY;
             for (int64_t s = 0; s < length; s++) {
-                const float *kr = kv_bf16 ? row : (const float *)k + k_base + s * k_strides[2];
-                if (kv_bf16) row_to_float(k, 1, k_base + s * k_strides[2], d, row);
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t j = 0; j < d; j++) dot += qh[j] * kr[j];
-                scores[s] = dot * scale;
+                scores[s] = row_dot(qh, k, kv_bf16, k_base + s * k_strides[2], d) * scale;
                 top = scores[s] > top ? scores[s] : top;
             }
             float total = 0.f;
@@ -279,12 +328,8 @@ void chatlm_attend_one(const float *q, const void *k, const void *v, int kv_bf16
             }
             for (int64_t j = 0; j < d; j++) acc[j] = 0.f;
             for (int64_t s = 0; s < length; s++) {
-                const float *vr = kv_bf16 ? row : (const float *)v + v_base + s * v_strides[2];
-                if (kv_bf16) row_to_float(v, 1, v_base + s * v_strides[2], d, row);
-                /* bfloat16: the weights meet v in bfloat16, as in torch's attention (same outputs to the bit) */
                 const float p = kv_bf16 ? bf16_to_float(float_to_bf16(scores[s])) : scores[s];
-#pragma omp simd
-                for (int64_t j = 0; j < d; j++) acc[j] += p * vr[j];
+                row_axpy(acc, p, v, kv_bf16, v_base + s * v_strides[2], d);
             }
             float *o = out + bh * d;
             for (int64_t j = 0; j < d; j++) o[j] = acc[j] / total;
