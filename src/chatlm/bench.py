@@ -285,6 +285,12 @@ def run_bench(
     where = resolve_device(device or "auto")
     notes: list[str] = []
 
+    if where.type == "cpu":
+        from .kernels import native
+
+        notes.append(
+            native.status()
+        )  # built before the baseline: its one-off compile is not the model's load
     say("measuring memory bandwidth")
     bandwidth = memory_bandwidth(str(where))  # before the baseline: its buffers are gone by then
     resolved = resolve_model(model)
