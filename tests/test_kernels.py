@@ -135,3 +135,58 @@ def test_without_a_compiler_the_model_runs_on_torch(monkeypatch, tiny_checkpoint
     assert slow.sequences.tolist() == fast.sequences.tolist()
     for a, b in zip(slow.scores, fast.scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,table_dtype,rotary",
+    [
+        (torch.float32, torch.float32, 64),
+        (torch.bfloat16, torch.bfloat16, 64),
+        (torch.bfloat16, torch.float32, 64),  # OLMo 2: float32 tables on bfloat16 activations
+        (torch.float32, torch.float32, 32),  # partial rotary (Phi-3 style)
+    ],
+)
+def test_decode_attention_matches_rope_cache_and_sdpa(dtype, table_dtype, rotary):
+    from chatlm.models.layers import apply_rope, rope_cos_sin
+
+    B, H, KV, D, capacity, offset = 2, 6, 2, 64, 40, 23
+    # q, k and v as the projections hand them out: heads split from one fused (B, 1, N) output
+    fused = torch.randn(B, 1, (H + 2 * KV) * D, generator=gen(11)).to(dtype)
+    q, k, v = (
+        part.view(B, 1, -1, D).transpose(1, 2) for part in fused.split([H * D, KV * D, KV * D], dim=-1)
+    )
+    positions = torch.tensor([[offset], [offset - 5]])  # rows at different positions (left padding)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary, 2).float() / rotary))
+    cos, sin = rope_cos_sin(inv_freq, positions, table_dtype)
+    k_cache = torch.randn(B, KV, capacity, D, generator=gen(12)).to(dtype)
+    v_cache = torch.randn(B, KV, capacity, D, generator=gen(13)).to(dtype)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+
+    got = kernels.decode_attention(q, k, v, cos, sin, k_cache, v_cache, offset, None)
+
+    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    ref_k[:, :, offset : offset + 1], ref_v[:, :, offset : offset + 1] = rk, v
+    assert torch.equal(k_cache, ref_k) and torch.equal(
+        v_cache, ref_v
+    )  # the rotated k exactly as torch rounds it
+    expected = F.scaled_dot_product_attention(
+        rq.double(), ref_k[:, :, : offset + 1].double(), ref_v[:, :, : offset + 1].double(), enable_gqa=True
+    )
+    expected = expected.transpose(1, 2).reshape(B, 1, H * D)
+    assert got.shape == (B, 1, H * D) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+    else:  # weights rounded to bfloat16 before they meet v (as torch does), and the output rounded
+        torch.testing.assert_close(got.double(), expected, atol=3 * 2.0**-8, rtol=2.0**-7)
+
+
+def test_decode_attention_declines_what_it_does_not_do():
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    cos, sin = torch.ones(1, 1, 16), torch.zeros(1, 1, 16)
+    cache = torch.zeros(1, 2, 8, 16)
+    assert kernels.decode_attention(q, k, v, cos, sin, cache, cache.clone(), 8, None) is None  # cache full
+    assert (
+        kernels.decode_attention(q, k, v, cos.double(), sin.double(), cache, cache.clone(), 0, None) is None
+    )
+    two = torch.randn(1, 4, 2, 16)
+    assert kernels.decode_attention(two, k, v, cos, sin, cache, cache.clone(), 0, None) is None

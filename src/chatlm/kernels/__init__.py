@@ -80,3 +80,67 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         _ptr(x), _ptr(weight), int(x.dtype == torch.bfloat16), x.numel() // dim, dim, eps, _ptr(out)
     )
     return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    offset: int,
+    scale: float | None,
+) -> torch.Tensor | None:
+    """One decoding step of attention after the projections, in one call: rope on q (B, heads, 1, D) and k (B,
+    kv_heads, 1, D) with tables (B, 1, rotary), k and v written into the caches (B, kv_heads, capacity, D) at slot
+    ``offset``, attention over slots 0..offset without a mask. Returns (B, 1, heads * D) in q's dtype, as
+    ``apply_rope``, ``KVCache.update`` and ``attention`` would (to float rounding)."""
+    B, H, T, D = q.shape
+    dtype = q.dtype
+    if (
+        T != 1
+        or dtype not in _FLOAT
+        or not all(t.dtype == dtype for t in (k, v, k_cache, v_cache))
+        or cos.dtype not in (dtype, torch.float32)
+        or sin.dtype != cos.dtype
+        or cos.shape != (B, 1, cos.shape[-1])
+        or cos.shape[-1] % 2
+        or cos.shape[-1] > D
+        or not (cos.is_contiguous() and sin.is_contiguous())
+        or any(t.stride(1) != D or t.stride(3) != 1 for t in (q, k, v))
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+        or k_cache.shape != v_cache.shape
+        or offset >= k_cache.shape[2]
+        or H % k.shape[1]
+        or not _usable(q, k, v, cos, k_cache)
+    ):
+        return None
+    out = torch.empty(B, 1, H * D, dtype=dtype)
+    strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
+    native.library().chatlm_decode_attention(
+        _ptr(q),
+        q.stride(0),
+        _ptr(k),
+        k.stride(0),
+        _ptr(v),
+        v.stride(0),
+        _ptr(cos),
+        _ptr(sin),
+        cos.stride(0),
+        int(cos.dtype == torch.float32),
+        cos.shape[-1],
+        _ptr(k_cache),
+        _ptr(v_cache),
+        strides,
+        offset,
+        int(dtype == torch.bfloat16),
+        B,
+        H,
+        k.shape[1],
+        D,
+        D**-0.5 if scale is None else scale,
+        _ptr(out),
+    )
+    return out

@@ -367,3 +367,72 @@ void chatlm_rms_norm(const void *x, const void *weight, int is_bf16, int64_t row
         }
     }
 }
+
+/* x * cos + rotate_half(x) * sin over the first `rotary` channels (the rest as they are), rounded as torch rounds
+ * it: each product and the sum to bfloat16 when x and the tables are bfloat16, only the result when the tables are
+ * float32 (float32 math), nothing for float32 x. The file is built without contracting a * b + c into FMAs, so
+ * the float32 roundings are torch's too. Reads x, writes float32 values into out. */
+static void rope_row(const void *x, int64_t at, int x_bf16, const void *cos, const void *sin, int64_t t_at,
+                     int tables_f32, int64_t rotary, int64_t d, float *out) {
+    const int64_t half = rotary / 2;
+    const int round_each = x_bf16 && !tables_f32;
+    for (int64_t j = 0; j < d; j++) {
+        const float xj = x_bf16 ? bf16_to_float(((const uint16_t *)x)[at + j]) : ((const float *)x)[at + j];
+        if (j >= rotary) {
+            out[j] = xj;
+            continue;
+        }
+        const int64_t partner = j < half ? j + half : j - half;
+        float other = x_bf16 ? bf16_to_float(((const uint16_t *)x)[at + partner]) : ((const float *)x)[at + partner];
+        other = j < half ? -other : other;
+        const float c = tables_f32 ? ((const float *)cos)[t_at + j] : bf16_to_float(((const uint16_t *)cos)[t_at + j]);
+        const float s = tables_f32 ? ((const float *)sin)[t_at + j] : bf16_to_float(((const uint16_t *)sin)[t_at + j]);
+        float a = xj * c, b = other * s;
+        if (round_each) {
+            a = bf16_to_float(float_to_bf16(a));
+            b = bf16_to_float(float_to_bf16(b));
+        }
+        const float r = a + b;
+        out[j] = x_bf16 ? bf16_to_float(float_to_bf16(r)) : r;
+    }
+}
+
+static void store_row(const float *values, void *base, int is_bf16, int64_t at, int64_t d) {
+    for (int64_t j = 0; j < d; j++) {
+        if (is_bf16)
+            ((uint16_t *)base)[at + j] = float_to_bf16(values[j]);
+        else
+            ((float *)base)[at + j] = values[j];
+    }
+}
+
+/* One decoding step of an attention layer after its projections, for one new token per row: rotate q and the new
+ * k (rope), write the new k and v into the cache at slot `offset`, attend over slots 0..offset, and write the
+ * result (batch, heads * d) in the model's dtype. q, k, v: heads (kv_heads) rows of d values per batch row, at
+ * `*_bstride` elements apart; tables (batch, rotary) at `t_bstride`; caches (batch, kv_heads, capacity, d). */
+void chatlm_decode_attention(const void *q, int64_t q_bstride, const void *k, int64_t k_bstride, const void *v,
+                             int64_t v_bstride, const void *cos, const void *sin, int64_t t_bstride,
+                             int tables_f32, int64_t rotary, void *k_cache, void *v_cache,
+                             const int64_t *cache_strides, int64_t offset, int is_bf16, int64_t batch,
+                             int64_t heads, int64_t kv_heads, int64_t d, float scale, void *out) {
+    float *qf = malloc(sizeof(float) * (size_t)(2 * batch * heads * d + d));
+    float *attended = qf + batch * heads * d, *row = attended + batch * heads * d;
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t h = 0; h < heads; h++)
+            rope_row(q, b * q_bstride + h * d, is_bf16, cos, sin, b * t_bstride, tables_f32, rotary, d,
+                     qf + (b * heads + h) * d);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t slot = b * cache_strides[0] + h * cache_strides[1] + offset * cache_strides[2];
+            rope_row(k, b * k_bstride + h * d, is_bf16, cos, sin, b * t_bstride, tables_f32, rotary, d, row);
+            store_row(row, k_cache, is_bf16, slot, d);
+            if (is_bf16)
+                memcpy((uint16_t *)v_cache + slot, (const uint16_t *)v + b * v_bstride + h * d, 2 * (size_t)d);
+            else
+                memcpy((float *)v_cache + slot, (const float *)v + b * v_bstride + h * d, 4 * (size_t)d);
+        }
+    }
+    chatlm_attend_one(qf, k_cache, v_cache, is_bf16, batch, heads, kv_heads, offset + 1, d, cache_strides,
+                      cache_strides, scale, attended);
+    store_row(attended, out, is_bf16, 0, batch * heads * d);
+    free(qf);
+}

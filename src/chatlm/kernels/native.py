@@ -22,7 +22,9 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp"]
+# No contraction of a * b + c into FMAs: the elementwise code rounds as torch does (the vector code uses FMAs
+# where it means to).
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -32,6 +34,8 @@ SIGNATURES = {
     "chatlm_q8_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
     "chatlm_attend_one": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32, _ptr],
     "chatlm_rms_norm": [_ptr, _ptr, _int, _i64, _i64, _f32, _ptr],
+    "chatlm_decode_attention": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _i64, _ptr, _ptr]
+    + [_ptr, _i64, _int, _i64, _i64, _i64, _i64, _f32, _ptr],
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from ..generation.cache import KVCache
 from ..modeling import CausalLM
 from .config import ModelConfig
@@ -46,6 +47,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, masks, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x)
+        if T == 1 and cache is not None and masks[self.attention_type] is None:  # decoding: one native call
+            i = self.layer_index
+            out = kernels.decode_attention(
+                q, k, v, cos, sin, cache.keys[i], cache.values[i], cache.offset, self.scale
+            )
+            if out is not None:
+                return self.o_proj(out)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
