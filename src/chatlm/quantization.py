@@ -339,6 +339,12 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self.bits == 4 and x2.dtype == self.compute_dtype and x2.shape[0] <= self._kernel_rows:
+            # decoding's common case, with nothing to convert: straight to the kernel
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*shape[:-1], self.out_features)
         y = None
         if self.bits == 8 and x2.shape[0] <= KERNEL_MAX_ROWS[8]:
             y = kernels.int8_linear(x2, self.qweight, self.scales)  # float32 throughout, scales applied

@@ -19,9 +19,9 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 def _usable(*tensors: torch.Tensor) -> bool:
     """On the CPU, outside autograd (the kernels have no backward), with the library built."""
-    return (
-        all(t.device.type == "cpu" and not t.requires_grad for t in tensors) and native.library() is not None
-    )
+    if native.library() is None or not all(t.device.type == "cpu" for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:

@@ -297,6 +297,46 @@ static void row_axpy(float *acc, float p, const void *base, int is_bf16, int64_t
         acc[j] += p * (is_bf16 ? bf16_to_float(((const uint16_t *)base)[at + j]) : ((const float *)base)[at + j]);
 }
 
+#ifdef WIDTH
+/* Four dot products at once: independent chains keep the FMA units busy. d % WIDTH == 0. */
+static inline void row_dot4(const float *q, const void *base, int is_bf16, int64_t at, int64_t stride, int64_t d,
+                            float *out) {
+    vec a0 = VZERO, a1 = VZERO, a2 = VZERO, a3 = VZERO;
+    for (int64_t j = 0; j < d; j += WIDTH) {
+        const vec qj = VLOADF(q + j);
+        a0 = VFMA(qj, vload(base, is_bf16, at + j), a0);
+        a1 = VFMA(qj, vload(base, is_bf16, at + stride + j), a1);
+        a2 = VFMA(qj, vload(base, is_bf16, at + 2 * stride + j), a2);
+        a3 = VFMA(qj, vload(base, is_bf16, at + 3 * stride + j), a3);
+    }
+    out[0] = VSUM(a0);
+    out[1] = VSUM(a1);
+    out[2] = VSUM(a2);
+    out[3] = VSUM(a3);
+}
+
+/* out (d values) = sum_s p[s] * row_s, the running sums in registers, 4 * WIDTH channels at a time.
+ * d % (4 * WIDTH) == 0. */
+static void weighted_rows(const float *p, int64_t length, const void *base, int is_bf16, int64_t at,
+                          int64_t stride, int64_t d, float *out) {
+    for (int64_t c = 0; c < d; c += 4 * WIDTH) {
+        vec a0 = VZERO, a1 = VZERO, a2 = VZERO, a3 = VZERO;
+        for (int64_t s = 0; s < length; s++) {
+            const vec ps = VSET1(p[s]);
+            const int64_t r = at + s * stride + c;
+            a0 = VFMA(ps, vload(base, is_bf16, r), a0);
+            a1 = VFMA(ps, vload(base, is_bf16, r + WIDTH), a1);
+            a2 = VFMA(ps, vload(base, is_bf16, r + 2 * WIDTH), a2);
+            a3 = VFMA(ps, vload(base, is_bf16, r + 3 * WIDTH), a3);
+        }
+        VSTOREF(out + c, a0);
+        VSTOREF(out + c + WIDTH, a1);
+        VSTOREF(out + c + 2 * WIDTH, a2);
+        VSTOREF(out + c + 3 * WIDTH, a3);
+    }
+}
+#endif
+
 /* One query per (batch, head) over the first `length` cached keys and values, no mask:
  * out (b, heads, d) = softmax(scale * q . k) v, with heads / kv_heads query heads sharing a kv head.
  * k and v are float32 or bfloat16 with strides (batch, head, position) in elements; the last dimension is dense.
@@ -315,9 +355,16 @@ void chatlm_attend_one(const float *q, const void *k, const void *v, int kv_bf16
             const float *qh = q + bh * d;
             const int64_t k_base = b * k_strides[0] + kvh * k_strides[1];
             const int64_t v_base = b * v_strides[0] + kvh * v_strides[1];
+            int64_t s = 0;
+#ifdef WIDTH
+            if (d % WIDTH == 0)
+                for (; s + 4 <= length; s += 4)
+                    row_dot4(qh, k, kv_bf16, k_base + s * k_strides[2], k_strides[2], d, scores + s);
+#endif
+            for (; s < length; s++) scores[s] = row_dot(qh, k, kv_bf16, k_base + s * k_strides[2], d);
             float top = -INFINITY;
-            for (int64_t s = 0; s < length; s++) {
-                scores[s] = row_dot(qh, k, kv_bf16, k_base + s * k_strides[2], d) * scale;
+            for (s = 0; s < length; s++) {
+                scores[s] *= scale;
                 top = scores[s] > top ? scores[s] : top;
             }
             float total = 0.f;
@@ -326,10 +373,16 @@ void chatlm_attend_one(const float *q, const void *k, const void *v, int kv_bf16
                 scores[s] = exp_nonpositive(scores[s] - top);
                 total += scores[s];
             }
-            for (int64_t j = 0; j < d; j++) acc[j] = 0.f;
-            for (int64_t s = 0; s < length; s++) {
-                const float p = kv_bf16 ? bf16_to_float(float_to_bf16(scores[s])) : scores[s];
-                row_axpy(acc, p, v, kv_bf16, v_base + s * v_strides[2], d);
+            if (kv_bf16)
+                for (s = 0; s < length; s++) scores[s] = bf16_to_float(float_to_bf16(scores[s]));
+#ifdef WIDTH
+            if (d % (4 * WIDTH) == 0) {
+                weighted_rows(scores, length, v, kv_bf16, v_base, v_strides[2], d, acc);
+            } else
+#endif
+            {
+                for (int64_t j = 0; j < d; j++) acc[j] = 0.f;
+                for (s = 0; s < length; s++) row_axpy(acc, scores[s], v, kv_bf16, v_base + s * v_strides[2], d);
             }
             float *o = out + bh * d;
             for (int64_t j = 0; j < d; j++) o[j] = acc[j] / total;
