@@ -13,15 +13,19 @@ from . import native
 _FLOAT = (torch.float32, torch.bfloat16)
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def _addr(t: torch.Tensor) -> int:
+    return t.data_ptr()  # ctypes takes a plain int for a c_void_p argument
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    """On the CPU, outside autograd (the kernels have no backward), with the library built."""
-    if native.library() is None or not all(t.device.type == "cpu" for t in tensors):
+    """On the CPU, outside autograd (the kernels have no backward), with the library built. Lean: decoding asks
+    this about a hundred times per token."""
+    if native.library() is None:
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    for t in tensors:
+        if not t.is_cpu or (t.requires_grad and torch.is_grad_enabled()):
+            return False
+    return True
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
@@ -31,7 +35,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
         return None
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    native.library().chatlm_q8_matmul(_ptr(x), x.shape[0], k, _ptr(qweight), _ptr(scales), n, _ptr(y))
+    native.library().chatlm_q8_matmul(_addr(x), x.shape[0], k, _addr(qweight), _addr(scales), n, _addr(y))
     return y
 
 
@@ -53,9 +57,9 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     out = torch.empty(B, H, D, dtype=torch.float32)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k, v)]
     native.library().chatlm_attend_one(
-        _ptr(qf),
-        _ptr(k),
-        _ptr(v),
+        _addr(qf),
+        _addr(k),
+        _addr(v),
         int(k.dtype == torch.bfloat16),
         B,
         H,
@@ -65,7 +69,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
         strides[0],
         strides[1],
         D**-0.5 if scale is None else scale,
-        _ptr(out),
+        _addr(out),
     )
     return out.to(q.dtype).view(B, H, 1, D)
 
@@ -77,7 +81,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     out = torch.empty_like(x)
     dim = x.shape[-1]
     native.library().chatlm_rms_norm(
-        _ptr(x), _ptr(weight), int(x.dtype == torch.bfloat16), x.numel() // dim, dim, eps, _ptr(out)
+        _addr(x), _addr(weight), int(x.dtype == torch.bfloat16), x.numel() // dim, dim, eps, _addr(out)
     )
     return out
 
@@ -118,22 +122,21 @@ def decode_attention(
     ):
         return None
     out = torch.empty(B, 1, H * D, dtype=dtype)
-    strides = (ctypes.c_int64 * 3)(*k_cache.stride()[:3])
     native.library().chatlm_decode_attention(
-        _ptr(q),
+        _addr(q),
         q.stride(0),
-        _ptr(k),
+        _addr(k),
         k.stride(0),
-        _ptr(v),
+        _addr(v),
         v.stride(0),
-        _ptr(cos),
-        _ptr(sin),
+        _addr(cos),
+        _addr(sin),
         cos.stride(0),
         int(cos.dtype == torch.float32),
         cos.shape[-1],
-        _ptr(k_cache),
-        _ptr(v_cache),
-        strides,
+        _addr(k_cache),
+        _addr(v_cache),
+        k_cache.shape[2],
         offset,
         int(dtype == torch.bfloat16),
         B,
@@ -141,6 +144,6 @@ def decode_attention(
         k.shape[1],
         D,
         D**-0.5 if scale is None else scale,
-        _ptr(out),
+        _addr(out),
     )
     return out

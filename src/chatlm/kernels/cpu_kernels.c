@@ -462,12 +462,13 @@ static void store_row(const float *values, void *base, int is_bf16, int64_t at, 
 /* One decoding step of an attention layer after its projections, for one new token per row: rotate q and the new
  * k (rope), write the new k and v into the cache at slot `offset`, attend over slots 0..offset, and write the
  * result (batch, heads * d) in the model's dtype. q, k, v: heads (kv_heads) rows of d values per batch row, at
- * `*_bstride` elements apart; tables (batch, rotary) at `t_bstride`; caches (batch, kv_heads, capacity, d). */
+ * `*_bstride` elements apart; tables (batch, rotary) at `t_bstride`; caches (batch, kv_heads, capacity, d), dense. */
 void chatlm_decode_attention(const void *q, int64_t q_bstride, const void *k, int64_t k_bstride, const void *v,
                              int64_t v_bstride, const void *cos, const void *sin, int64_t t_bstride,
-                             int tables_f32, int64_t rotary, void *k_cache, void *v_cache,
-                             const int64_t *cache_strides, int64_t offset, int is_bf16, int64_t batch,
-                             int64_t heads, int64_t kv_heads, int64_t d, float scale, void *out) {
+                             int tables_f32, int64_t rotary, void *k_cache, void *v_cache, int64_t capacity,
+                             int64_t offset, int is_bf16, int64_t batch, int64_t heads, int64_t kv_heads,
+                             int64_t d, float scale, void *out) {
+    const int64_t cache_strides[3] = {kv_heads * capacity * d, capacity * d, d};
     float *qf = malloc(sizeof(float) * (size_t)(2 * batch * heads * d + d));
     float *attended = qf + batch * heads * d, *row = attended + batch * heads * d;
     for (int64_t b = 0; b < batch; b++) {

@@ -35,7 +35,7 @@ SIGNATURES = {
     "chatlm_attend_one": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32, _ptr],
     "chatlm_rms_norm": [_ptr, _ptr, _int, _i64, _i64, _f32, _ptr],
     "chatlm_decode_attention": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _i64, _ptr, _ptr]
-    + [_ptr, _i64, _int, _i64, _i64, _i64, _i64, _f32, _ptr],
+    + [_i64, _i64, _int, _i64, _i64, _i64, _i64, _f32, _ptr],
 }
 
 
