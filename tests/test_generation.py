@@ -213,3 +213,24 @@ def test_stop_strings_end_the_row_at_the_first_hit(model, tiny_checkpoints):
     got = out[0, 6:].tolist()
     assert got == free[: len(got)]
     assert stop in tok.decode(got) and stop not in tok.decode(got[:-1])
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma3_text", "qwen2_moe"])
+def test_chunked_prefill_matches_transformers(monkeypatch, tiny_checkpoints, variant):
+    """Prompts longer than the prefill chunk (7 tokens here) go through the model in pieces; the scores and the
+    greedy tokens are transformers' (which takes the prompt at once), with left padding and sliding windows."""
+    from chatlm.generation import generate as generate_module
+
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 7)
+    path = tiny_checkpoints[variant]
+    ours = AutoModelForCausalLM.from_pretrained(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = torch.randint(3, ours.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompts)
+    mask[1, :5] = 0  # row 1 is left-padded
+    options = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    got = ours.generate(prompts, attention_mask=mask, **options)
+    expected = theirs.generate(prompts, attention_mask=mask, **options)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

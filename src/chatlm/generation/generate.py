@@ -62,6 +62,13 @@ def prepare_inputs(
     return input_ids, attention_mask.long()
 
 
+PREFILL_CHUNK = 512  # prompt tokens per forward call while prefilling
+
+
+def _longrope(model) -> bool:
+    return getattr(model, "_longrope_context", None) is not None
+
+
 def generate_steps(
     model,
     input_ids: torch.Tensor,
@@ -88,13 +95,19 @@ def generate_steps(
     ids[:, :prompt_length] = input_ids
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
 
-    logits = model(
-        input_ids,
-        attention_mask=mask[:, :prompt_length] if padded else None,
-        position_ids=positions,
-        past_key_values=cache,
-        logits_to_keep=1,
-    ).logits[:, -1]
+    # The prompt in chunks: activations stay bounded by the chunk, not the prompt (an 8K-token prompt through a 1B
+    # model's MLP would otherwise hold hundreds of MB at once). Longrope models take the whole prompt in one call,
+    # since the rope factors they rotate with depend on the positions of the call.
+    chunk = prompt_length if _longrope(model) else PREFILL_CHUNK
+    for start in range(0, prompt_length, chunk):
+        stop = min(prompt_length, start + chunk)
+        logits = model(
+            input_ids[:, start:stop],
+            attention_mask=mask[:, :stop] if padded else None,
+            position_ids=positions[:, start:stop],
+            past_key_values=cache,
+            logits_to_keep=1,
+        ).logits[:, -1]
     length = prompt_length
     for step in range(max_new_tokens):
         scores = logits.float()
