@@ -190,3 +190,29 @@ def test_decode_attention_declines_what_it_does_not_do():
     )
     two = torch.randn(1, 4, 2, 16)
     assert kernels.decode_attention(two, k, v, cos, sin, cache, cache.clone(), 0, None) is None
+
+
+@pytest.mark.parametrize(
+    "group,scale_dtype", [(32, torch.bfloat16), (128, torch.float32), (64, torch.bfloat16)]
+)
+@pytest.mark.parametrize("m", [1, 5])
+def test_int4_linear_reads_torch_layout_exactly(group, scale_dtype, m):
+    from chatlm.quantization import layout_known, pack_int4, quantize_int4
+
+    n, k = 192, 512
+    if not layout_known(n):
+        pytest.skip("torch packs int4 differently on this CPU: chatlm's kernel is not used")
+    q, scales, zeros = quantize_int4(torch.randn(n, k, generator=gen(14)) * 0.05, group)
+    packed, sz = pack_int4(q, scales, zeros, scale_dtype)
+    x = torch.randn(m, k, generator=gen(15))
+    got = kernels.int4_linear(x, packed, sz, group)
+    if got is None:
+        pytest.skip("no AVX-512 here: torch's int4 kernel does the work")
+    s, z = sz[..., 0].T.double(), sz[..., 1].T.double()  # (n, groups): the values the kernel computes with
+    w = ((q.double().view(n, -1, group) - 8) * s[..., None] + z[..., None]).view(n, k)
+    expected = x.double() @ w.T
+    bound = 8 * 2.0**-24 * k * (x.abs().double() @ w.abs().T)  # float32 sums, x as it is (not bfloat16)
+    assert ((got.double() - expected).abs() <= bound).all()
+    assert (
+        kernels.int4_linear(x.bfloat16(), packed, sz, group) is None
+    )  # bfloat16 activations: torch's kernel

@@ -243,6 +243,7 @@ def layout_known(out_features: int) -> bool:
 # Up to this many rows (tokens) the int8 / int4 kernels run; above, a float matmul on weights dequantized one tile
 # at a time (measured crossovers on the development CPU, see benchmarks/README.md).
 KERNEL_MAX_ROWS = {8: 16, 4: 128}
+NATIVE_MAX_ROWS = 16  # up to this many rows chatlm's own kernels (chatlm.kernels) take int8 and int4 layers
 TILE_VALUES = 1 << 19  # weights per dequantized tile: 1 MB in bfloat16, 2 MB of float32 transients
 
 
@@ -335,10 +336,19 @@ class QuantizedLinear(nn.Module):
         else:
             self._kernel_rows = 0
         self._unit_scales = torch.ones(self.out_features, dtype=self.compute_dtype)  # int8: scaled afterwards
+        # chatlm's own int4 kernel reads torch's packed layout in whole blocks of 64 channels
+        self._native_int4 = self.bits == 4 and self.out_features % 64 == 0 and layout_known(self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self._native_int4 and x2.dtype == torch.float32 and x2.shape[0] <= NATIVE_MAX_ROWS:
+            # float32 activations as they are (torch's kernel would round them to bfloat16), and faster
+            y = kernels.int4_linear(x2, self.qweight, self.scales, self.group_size)
+            if y is not None:
+                if self.bias is not None:
+                    y = y + self.bias
+                return y.view(*shape[:-1], self.out_features)
         if self.bits == 4 and x2.dtype == self.compute_dtype and x2.shape[0] <= self._kernel_rows:
             # decoding's common case, with nothing to convert: straight to the kernel
             y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
@@ -346,7 +356,7 @@ class QuantizedLinear(nn.Module):
                 y = y + self.bias
             return y.view(*shape[:-1], self.out_features)
         y = None
-        if self.bits == 8 and x2.shape[0] <= KERNEL_MAX_ROWS[8]:
+        if self.bits == 8 and x2.shape[0] <= NATIVE_MAX_ROWS:
             y = kernels.int8_linear(x2, self.qweight, self.scales)  # float32 throughout, scales applied
         if y is None:
             y = self._torch_forward(x2)

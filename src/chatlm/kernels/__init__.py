@@ -39,6 +39,42 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     return y
 
 
+_INT4_UNSUPPORTED: list[bool] = []  # set once the library says this CPU has no int4 kernel (no AVX-512)
+
+
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int
+) -> torch.Tensor | None:
+    """float32 x (m, k) @ W^T in float32 (m, n), for an int4 weight in torch's packed CPU layout (the caller checks
+    that the layout is the one `chatlm.quantization` reads, and n % 64 == 0) with scales and zero points
+    (k / group, n, 2) in bfloat16 or float32. Not for bfloat16 activations: there torch's kernel is as fast."""
+    if (
+        _INT4_UNSUPPORTED
+        or x.dtype != torch.float32
+        or scales.dtype not in _FLOAT
+        or not _usable(x, packed, scales)
+    ):
+        return None
+    x = x.contiguous()
+    n = packed.shape[0]
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    done = native.library().chatlm_q4_torch_layout_matmul(
+        _addr(x),
+        x.shape[0],
+        x.shape[1],
+        _addr(packed),
+        _addr(scales),
+        scales.dtype == torch.float32,
+        group,
+        n,
+        _addr(y),
+    )
+    if not done:
+        _INT4_UNSUPPORTED.append(True)
+        return None
+    return y
+
+
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor | None:
     """Attention of one new token per row over all cached keys, no mask: q (B, heads, 1, D), k and v (B, kv_heads,
     S, D) float32 or bfloat16 (views into the cache are fine). The result is (B, heads, 1, D) in q's dtype."""

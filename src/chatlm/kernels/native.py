@@ -34,9 +34,13 @@ SIGNATURES = {
     "chatlm_q8_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
     "chatlm_attend_one": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32, _ptr],
     "chatlm_rms_norm": [_ptr, _ptr, _int, _i64, _i64, _f32, _ptr],
+    "chatlm_q4_torch_layout_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _int, _i64, _i64, _ptr],
     "chatlm_decode_attention": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _i64, _ptr, _ptr]
     + [_i64, _i64, _int, _i64, _i64, _i64, _i64, _f32, _ptr],
 }
+
+
+RESTYPES = {"chatlm_q4_torch_layout_matmul": _int}  # 0: not built for this CPU (no AVX-512)
 
 
 def cache_dir() -> Path:
@@ -113,7 +117,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"building the kernels failed: {e}"
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, RESTYPES.get(name)
     return lib, f"built with {compiler} for this CPU ({path})"
 
 
