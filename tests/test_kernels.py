@@ -216,3 +216,33 @@ def test_int4_linear_reads_torch_layout_exactly(group, scale_dtype, m):
     assert (
         kernels.int4_linear(x.bfloat16(), packed, sz, group) is None
     )  # bfloat16 activations: torch's kernel
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_decode_layer_matches_the_modules(tmp_path, monkeypatch, variant, bits):
+    """A decoding step through one native call per layer gives the module path's scores and tokens."""
+    from chatlm import AutoModelForCausalLM, QuantizationConfig
+    from chatlm.kernels import fused_llama
+    from checkpoints import write_checkpoint
+
+    # head_dim 64 and widths that are multiples of 64: what the native int4 kernel takes
+    shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+    path = write_checkpoint(tmp_path / variant, variant, **shape)
+    config = QuantizationConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+    plans = [fused_llama.plan(layer) for layer in model.model.layers]
+    if not all(plans):
+        pytest.skip("this CPU has no native int4 kernel (AVX-512): the modules run every layer")
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=gen(16))
+    options = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    fused = model.generate(ids, **options)
+    assert all(model.__dict__["_plans"])  # every layer ran natively
+
+    monkeypatch.setattr(fused_llama, "plan", lambda layer: None)
+    model.__dict__.pop("_plans")
+    modules = model.generate(ids, **options)
+    assert not any(model.__dict__["_plans"])
+    assert fused.sequences.tolist() == modules.sequences.tolist()
+    for a, b in zip(fused.scores, modules.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

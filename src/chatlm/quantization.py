@@ -24,8 +24,10 @@ Kernels (``benchmarks/bench_quant_kernels.py``): on x86 CPUs torch's ``_weight_i
 ``_weight_int4pack_mm_for_cpu`` are fast with bfloat16 activations only (with float32 ones they are scalar code,
 10-40x slower than a float32 matmul). So the quantized layers compute in bfloat16 by default (activations rounded
 to bfloat16, float32 accumulation, int8 scales applied in float32 afterwards), whatever the model's dtype, as
-bitsandbytes computes in ``bnb_4bit_compute_dtype``; int8 layers decode with chatlm's own kernel
-(``chatlm.kernels``) where it is built, in float32 throughout and as fast. Few rows (decode) go to the kernels; many rows (prefill)
+bitsandbytes computes in ``bnb_4bit_compute_dtype``. Where chatlm's own kernels are built (``chatlm.kernels``),
+decoding (up to ``NATIVE_MAX_ROWS`` rows) uses them instead: for int8 layers always, for int4 layers when the
+activations are float32 (a float32 model) and the CPU has AVX-512; they compute in float32 throughout (the int4
+one reads torch's packed layout as it is) and are at least as fast. Few rows (decode) go to the kernels; many rows (prefill)
 are faster as a bfloat16 matmul on weights dequantized one cache-sized tile at a time. ``compute_dtype=float32``
 dequantizes tiles to float32 instead, always: exact to float32 rounding against the dequantized weights, for
 checks (int8 decodes about 1.5x faster than float32 weights this way, int4 3-5x slower).

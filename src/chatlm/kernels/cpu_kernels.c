@@ -561,3 +561,61 @@ int chatlm_q4_torch_layout_matmul(const float *x, int64_t m, int64_t k, const ui
     return 0;
 #endif
 }
+
+/* A linear layer as the fused decoder step sees it: int4 (torch's packed layout, see above) or int8 weights. */
+typedef struct {
+    int bits;
+    const void *weight, *scales; /* int4: packed, (scale, zero) pairs; int8: (n, k) values, float32 scales */
+    int scales_f32;
+    int64_t group, n, k;
+    const float *bias; /* or NULL */
+} chatlm_linear;
+
+static void linear_rows(const chatlm_linear *l, const float *x, int64_t m, float *y) {
+    if (l->bits == 4)
+        chatlm_q4_torch_layout_matmul(x, m, l->k, l->weight, l->scales, l->scales_f32, l->group, l->n, y);
+    else
+        chatlm_q8_matmul(x, m, l->k, l->weight, l->scales, l->n, y);
+    if (l->bias)
+        for (int64_t t = 0; t < m; t++)
+            for (int64_t j = 0; j < l->n; j++) y[t * l->n + j] += l->bias[j];
+}
+
+/* One decoding step of a Llama decoder layer (pre-norm attention and SwiGLU MLP with residuals) for one new token
+ * per row, float32 activations, in one call: x (batch, hidden) is updated in place, the caches get the new key and
+ * value at `offset`. The same operations in the same order as the module path (llama.py), each through the
+ * kernels above. */
+void chatlm_llama_decode_layer(float *x, int64_t batch, int64_t hidden, const float *norm1, const float *norm2,
+                               float eps, const chatlm_linear *proj /* q, k, v, o, gate, up, down */,
+                               const float *cos, const float *sin, int64_t rotary, float *k_cache, float *v_cache,
+                               int64_t capacity, int64_t offset, int64_t heads, int64_t kv_heads, int64_t d,
+                               float scale) {
+    const int64_t qd = heads * d, kvd = kv_heads * d, inter = proj[4].n;
+    float *h = malloc(sizeof(float) * (size_t)(batch * (hidden + qd + 2 * kvd + qd + hidden + 2 * inter)));
+    float *q = h + batch * hidden, *k = q + batch * qd, *v = k + batch * kvd, *attn = v + batch * kvd;
+    float *o = attn + batch * qd, *g = o + batch * hidden, *u = g + batch * inter;
+    chatlm_rms_norm(x, norm1, 0, batch, hidden, eps, h);
+    linear_rows(&proj[0], h, batch, q);
+    linear_rows(&proj[1], h, batch, k);
+    linear_rows(&proj[2], h, batch, v);
+    chatlm_decode_attention(q, qd, k, kvd, v, kvd, cos, sin, rotary, 1, rotary, k_cache, v_cache, capacity, offset,
+                            0, batch, heads, kv_heads, d, scale, attn);
+    linear_rows(&proj[3], attn, batch, o);
+    for (int64_t i = 0; i < batch * hidden; i++) x[i] += o[i];
+    chatlm_rms_norm(x, norm2, 0, batch, hidden, eps, h);
+    linear_rows(&proj[4], h, batch, g);
+    linear_rows(&proj[5], h, batch, u);
+    for (int64_t i = 0; i < batch * inter; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i]; /* silu(gate) * up */
+    linear_rows(&proj[6], g, batch, o);
+    for (int64_t i = 0; i < batch * hidden; i++) x[i] += o[i];
+    free(h);
+}
+
+/* 1 where chatlm_q4_torch_layout_matmul runs (built with AVX-512), 0 where it only returns 0. */
+int chatlm_has_int4_kernel(void) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}

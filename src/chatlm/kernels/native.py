@@ -35,12 +35,32 @@ SIGNATURES = {
     "chatlm_attend_one": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32, _ptr],
     "chatlm_rms_norm": [_ptr, _ptr, _int, _i64, _i64, _f32, _ptr],
     "chatlm_q4_torch_layout_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _int, _i64, _i64, _ptr],
+    "chatlm_has_int4_kernel": [],
+    "chatlm_llama_decode_layer": [
+        _ptr,
+        _i64,
+        _i64,
+        _ptr,
+        _ptr,
+        _f32,
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _ptr,
+        _ptr,
+        _i64,
+    ]
+    + [_i64, _i64, _i64, _i64, _f32],
     "chatlm_decode_attention": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _i64, _ptr, _ptr]
     + [_i64, _i64, _int, _i64, _i64, _i64, _i64, _f32, _ptr],
 }
 
 
-RESTYPES = {"chatlm_q4_torch_layout_matmul": _int}  # 0: not built for this CPU (no AVX-512)
+RESTYPES = {
+    "chatlm_q4_torch_layout_matmul": _int,
+    "chatlm_has_int4_kernel": _int,
+}  # 0: not built for this CPU (no AVX-512)
 
 
 def cache_dir() -> Path:

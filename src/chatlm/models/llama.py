@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import kernels
 from ..generation.cache import KVCache
+from ..kernels import fused_llama
 from ..modeling import CausalLM
 from .config import ModelConfig
 from .layers import GatedMLP, RMSNorm, apply_rope, attention
@@ -101,6 +102,29 @@ class LlamaForCausalLM(CausalLM):
 
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, masks, cache)
+        plans = self._decode_plans(x, cos, masks, cache)
+        for i, layer in enumerate(self.model.layers):
+            if plans is not None and plans[i] is not None:  # the whole layer in one native call
+                plans[i].run(x, cos, sin, cache.keys[i], cache.values[i], cache.offset)
+            else:
+                x = layer(x, cos, sin, masks, cache)
         return self.model.norm(x)
+
+    def _decode_plans(self, x, cos, masks, cache) -> list | None:
+        """Per layer, the native plan of a decoding step (`kernels.fused_llama`), or None for the module path:
+        one new token per row, float32 activations, a dense cache, no mask."""
+        if (
+            x.shape[1] != 1
+            or cache is None
+            or x.dtype != torch.float32
+            or cos.dtype != torch.float32
+            or not x.is_cpu
+            or any(m is not None for m in masks.values())
+            or torch.is_grad_enabled()
+        ):
+            return None
+        plans = self.__dict__.get("_plans")
+        if plans is None or not all(p is None or p.valid() for p in plans):
+            plans = [fused_llama.plan(layer) for layer in self.model.layers]
+            self.__dict__["_plans"] = plans
+        return plans
