@@ -49,3 +49,23 @@ def test_errors_are_one_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("chatlm: error:"), result.stderr
     bad = chatlm("run", "hi", "--max-new-tokens", "-3")
     assert bad.returncode == 2 and "positive" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_with_4bit_weights_matches_the_api():
+    from chatlm import AutoModelForCausalLM, AutoTokenizer, QuantizationConfig
+
+    prompt = "Name a river in Europe."
+    result = chatlm("run", prompt, "--max-new-tokens", "12", "--quantization", "int4")
+    assert result.returncode == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(None)
+    model = AutoModelForCausalLM.from_pretrained(
+        None, quantization_config=QuantizationConfig(load_in_4bit=True)
+    )
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
+    out = model.generate(**ids, max_new_tokens=12)
+    assert (
+        result.stdout.strip()
+        == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    )

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
         p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+        p.add_argument(
+            "--quantization",
+            choices=("none", "int8", "int4"),
+            default="none",
+            help="keep the weights in 8 or 4 bits on the CPU (int4 keeps a 4-bit GGUF's blocks; default none)",
+        )
 
     chat = sub.add_parser("chat", help="an interactive chat (/reset starts over, /exit quits)")
     chat.add_argument(
@@ -134,8 +140,13 @@ class Session:
         from .tokenizer import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_ref)
+        from .bench import quantization_config
+
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_ref, torch_dtype=args.dtype, device_map=args.device
+            model_ref,
+            torch_dtype=args.dtype,
+            device_map=args.device,
+            quantization_config=quantization_config(args.quantization),
         )
         if self.tokenizer.chat_template is None:
             raise ValueError(
