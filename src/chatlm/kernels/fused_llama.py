@@ -102,8 +102,8 @@ def _native_linear(m: nn.Module) -> bool:
         return False
     if m.bias is not None and (m.bias.dtype != torch.float32 or not m.bias.is_contiguous()):
         return False
-    if m.bits == 4:
-        return m._native_int4
+    if m.bits == 4:  # torch's AVX-512 layout, and our kernel for it built (it needs AVX-512 too)
+        return m._native_int4 and bool(native.library().chatlm_has_int4_kernel())
     return m.out_features % 4 == 0 and m.in_features % 16 == 0 and m.qweight.is_contiguous()
 
 
@@ -112,8 +112,7 @@ def plan(layer: nn.Module) -> LayerPlan | None:
     from ..models.layers import GatedMLP, RMSNorm
     from ..models.llama import Attention, DecoderLayer
 
-    lib = native.library()
-    if lib is None or not lib.chatlm_has_int4_kernel():
+    if native.library() is None:
         return None
     if (
         type(layer) is not DecoderLayer

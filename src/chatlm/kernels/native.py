@@ -24,7 +24,17 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # No contraction of a * b + c into FMAs: the elementwise code rounds as torch does (the vector code uses FMAs
 # where it means to).
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+# $CHATLM_MARCH picks another target than this CPU (e.g. x86-64-v3 for AVX2 only: how the tests check the other
+# code paths of the kernels).
+FLAGS = [
+    "-O3",
+    f"-march={os.environ.get('CHATLM_MARCH', 'native')}",
+    "-fPIC",
+    "-shared",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-fopenmp",
+]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
