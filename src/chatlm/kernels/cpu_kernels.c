@@ -1,153 +1,31 @@
-/* chatlm's CPU kernels for decoding: matrix-vector products on int4 and int8 weights, and attention of one new
- * token over the KV cache. Decoding streams every weight once per token, so these read each weight byte once,
- * keep activations and accumulators in float32, and split output rows across threads.
+/* chatlm's CPU kernels for decoding: matrix-vector products on int8 and int4 weights, RMSNorm, the attention step
+ * of one new token over the KV cache, and a whole Llama decoder layer built from them. Decoding streams every
+ * weight once per token, so these read each weight byte once, keep activations and accumulators in float32, and
+ * split the work across threads.
  *
- * Plain C with `omp simd` hints, compiled on the user's machine with -march=native (see native.py): the compiler
- * picks the vector width (AVX-512, AVX2, NEON). Threads come from OpenMP, the runtime torch itself uses.
+ * C with vector intrinsics where they pay (AVX-512, AVX2) and plain loops elsewhere, compiled on the user's machine
+ * with -march=native (see native.py). Threads come from OpenMP, the runtime torch itself uses.
  *
- * int4 layout, per output row: runs of 16 bytes, each holding 32 inputs (byte j: input j in the low nibble, input
- * j + 16 in the high one), as GGUF's Q4_0/Q4_1 blocks do; w = q * scale + min per group of `group` inputs, the
- * scales and mins (rows, inputs / group) in float16 or float32. int8: w = q * scale[row].
+ * Weights: int8 (n, k) with a float32 scale per row (w = q * scale); int4 in torch's packed CPU layout (see
+ * chatlm_q4_torch_layout_matmul), so that torch's kernels and chatlm's read the same bytes.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #define ROWS 4 /* output rows per step: independent accumulators, one read of x for four rows */
 
-static inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
-    float f;
-    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
-        f = (float)mantissa * 5.9604644775390625e-08f;
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    } else if (exponent == 31) {
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    } else {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    }
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
-static inline float scale_at(const void *p, int is_f32, int64_t i) {
-    return is_f32 ? ((const float *)p)[i] : half_to_float(((const uint16_t *)p)[i]);
-}
-
-/* Dot products of one row of x with the int4 rows r0..r0+ROWS-1, scales not yet applied per group: for each
- * group g, part = x_g . q_g is formed, then acc += scale_g * part. The caller adds the min terms. */
-#if defined(__AVX512F__)
-static inline void q4_dots(const float *x, const uint8_t *q, int64_t row_bytes, const void *scales, int scales_f32,
-                           int64_t groups, int64_t group, int64_t r0, float out[ROWS]) {
-    const __m128i low = _mm_set1_epi8(15);
-    __m512 acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m512 part[ROWS];
-        for (int r = 0; r < ROWS; r++) part[r] = _mm512_setzero_ps();
-        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
-            const __m512 x0 = _mm512_loadu_ps(x + b), x1 = _mm512_loadu_ps(x + b + 16);
-            for (int r = 0; r < ROWS; r++) {
-                const __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (r0 + r) * row_bytes + b / 2));
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)));
-                const __m512 hi =
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)));
-                part[r] = _mm512_fmadd_ps(hi, x1, _mm512_fmadd_ps(lo, x0, part[r]));
-            }
-        }
-        for (int r = 0; r < ROWS; r++)
-            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scale_at(scales, scales_f32, (r0 + r) * groups + g)), part[r],
-                                     acc[r]);
-    }
-    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 static inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-static inline void q4_dots(const float *x, const uint8_t *q, int64_t row_bytes, const void *scales, int scales_f32,
-                           int64_t groups, int64_t group, int64_t r0, float out[ROWS]) {
-    const __m128i low = _mm_set1_epi8(15);
-    __m256 acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m256 part[ROWS];
-        for (int r = 0; r < ROWS; r++) part[r] = _mm256_setzero_ps();
-        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
-            const __m256 x0 = _mm256_loadu_ps(x + b), x1 = _mm256_loadu_ps(x + b + 8);
-            const __m256 x2 = _mm256_loadu_ps(x + b + 16), x3 = _mm256_loadu_ps(x + b + 24);
-            for (int r = 0; r < ROWS; r++) {
-                const __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (r0 + r) * row_bytes + b / 2));
-                const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-                __m256 p = part[r];
-                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0, p);
-                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo))), x1, p);
-                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, p);
-                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi))), x3, p);
-                part[r] = p;
-            }
-        }
-        for (int r = 0; r < ROWS; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale_at(scales, scales_f32, (r0 + r) * groups + g)), part[r],
-                                     acc[r]);
-    }
-    for (int r = 0; r < ROWS; r++) out[r] = sum8(acc[r]);
-}
-#else
-static inline void q4_dots(const float *x, const uint8_t *q, int64_t row_bytes, const void *scales, int scales_f32,
-                           int64_t groups, int64_t group, int64_t r0, float out[ROWS]) {
-    for (int r = 0; r < ROWS; r++) {
-        const uint8_t *qr = q + (r0 + r) * row_bytes;
-        float acc = 0.f;
-        for (int64_t g = 0; g < groups; g++) {
-            float part = 0.f;
-            for (int64_t b = g * group; b < (g + 1) * group; b += 32)
-                for (int j = 0; j < 16; j++)
-                    part += (float)(qr[b / 2 + j] & 15) * x[b + j] + (float)(qr[b / 2 + j] >> 4) * x[b + j + 16];
-            acc += scale_at(scales, scales_f32, (r0 + r) * groups + g) * part;
-        }
-        out[r] = acc;
-    }
-}
 #endif
-
-/* y (m, n) = x (m, k) @ W^T for int4 W (n, k); n % ROWS == 0, k % group == 0, group % 32 == 0. */
-void chatlm_q4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *q, const void *scales,
-                      const void *mins, int scales_f32, int64_t group, int64_t n, float *y) {
-    const int64_t groups = k / group, row_bytes = k / 2;
-    /* w = q * s + min, so x . w = sum_g s_g (x_g . q_g) + sum_g min_g * sum(x_g): the group sums of x once */
-    float *xsum = malloc(sizeof(float) * (size_t)(m * groups));
-    for (int64_t i = 0; i < m * groups; i++) {
-        float s = 0.f;
-        for (int64_t j = 0; j < group; j++) s += x[i * group + j];
-        xsum[i] = s;
-    }
-#pragma omp parallel for schedule(static)
-    for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
-        for (int64_t t = 0; t < m; t++) { /* the ROWS weight rows stay in L1 across the rows of x */
-            float dots[ROWS];
-            q4_dots(x + t * k, q, row_bytes, scales, scales_f32, groups, group, r0, dots);
-            for (int r = 0; r < ROWS; r++) {
-                float total = dots[r];
-                for (int64_t g = 0; g < groups; g++)
-                    total += scale_at(mins, scales_f32, (r0 + r) * groups + g) * xsum[t * groups + g];
-                y[t * n + r0 + r] = total;
-            }
-        }
-    }
-    free(xsum);
-}
 
 /* Dot products of one row of x with the int8 rows r0..r0+ROWS-1. */
 #if defined(__AVX512F__)
