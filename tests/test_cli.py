@@ -69,3 +69,15 @@ def test_run_with_4bit_weights_matches_the_api():
         result.stdout.strip()
         == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     )
+
+
+def test_run_with_prompt_lookup_gives_the_plain_reply():
+    prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog, and the lazy dog sleeps."
+    plain = chatlm("run", prompt, "--max-new-tokens", "24")
+    fast = chatlm("run", prompt, "--max-new-tokens", "24", "--prompt-lookup", "8")
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+    refused = chatlm("run", prompt, "--prompt-lookup", "8", "--temperature", "0.7")
+    assert (
+        refused.returncode != 0 and "--temperature 0" in refused.stderr and "Traceback" not in refused.stderr
+    )

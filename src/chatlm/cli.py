@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
             default="none",
             help="keep the weights in 8 or 4 bits on the CPU (int4 keeps a 4-bit GGUF's blocks; default none)",
         )
+        p.add_argument(
+            "--prompt-lookup",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="speculative decoding: guess N tokens from the chat so far (greedy only; same reply, faster)",
+        )
+        p.add_argument(
+            "--draft", default=None, metavar="MODEL", help="speculative decoding with a smaller draft model"
+        )
 
     chat = sub.add_parser("chat", help="an interactive chat (/reset starts over, /exit quits)")
     chat.add_argument(
@@ -152,6 +162,20 @@ class Session:
             raise ValueError(
                 f"{model_ref or 'the model'} has no chat template; use `chatlm run` with plain text"
             )
+        if (args.prompt_lookup or args.draft) and args.temperature > 0:
+            raise ValueError(
+                "--prompt-lookup and --draft decode greedily in this version: use --temperature 0"
+            )
+        if args.prompt_lookup and args.draft:
+            raise ValueError("choose one of --prompt-lookup and --draft")
+        self.draft = None
+        if args.draft:
+            self.draft = AutoModelForCausalLM.from_pretrained(
+                args.draft,
+                torch_dtype=args.dtype,
+                device_map=args.device,
+                quantization_config=quantization_config(args.quantization),
+            )
         self.system, self.args = args.system, args
         self.reset()
 
@@ -180,6 +204,10 @@ class Session:
         options = {"do_sample": sampling}
         if sampling:
             options.update(temperature=self.args.temperature, top_p=self.args.top_p or 1.0)
+        if self.args.prompt_lookup:
+            options["prompt_lookup_num_tokens"] = self.args.prompt_lookup
+        elif self.draft is not None:
+            options["assistant_model"] = self.draft
         if self.args.seed is not None:
             from .utils import set_seed
 
@@ -193,6 +221,14 @@ class Session:
             text = self.tokenizer.decode(output[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
             message = {"role": "assistant", "content": text}
         self.messages.append(message)
+        speculative = "prompt_lookup_num_tokens" in options or "assistant_model" in options
+        stats = self.model.last_speculation if speculative else None
+        if stats is not None and sys.stderr.isatty():  # on a terminal: how much the guessing helped
+            print(
+                f"\n\033[2m(speculation: {stats.accepted} of {stats.proposed} guesses accepted)\033[0m",
+                file=sys.stderr,
+                end="",
+            )
         return message["content"]
 
 

@@ -32,6 +32,11 @@ class GenerationConfig:
     use_cache: bool = True
     return_dict_in_generate: bool = False
     output_scores: bool = False
+    # Speculative decoding (chatlm.generation.speculative): drafts from the text so far, or from an assistant model.
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: str = "heuristic"
     # Keys of generation_config.json that we keep but do not act on (transformers_version, ...).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -97,6 +102,27 @@ class GenerationConfig:
         if self.num_return_sequences > 1 and not self.do_sample:
             raise ValueError(
                 "num_return_sequences > 1 needs do_sample=True: greedy decoding would repeat one answer"
+            )
+        if self.prompt_lookup_num_tokens is not None and (
+            not isinstance(self.prompt_lookup_num_tokens, int) or self.prompt_lookup_num_tokens < 1
+        ):
+            raise ValueError(
+                f"prompt_lookup_num_tokens must be a positive integer, got {self.prompt_lookup_num_tokens!r}"
+            )
+        if self.max_matching_ngram_size is not None and (
+            not isinstance(self.max_matching_ngram_size, int) or self.max_matching_ngram_size < 1
+        ):
+            raise ValueError(
+                f"max_matching_ngram_size must be a positive integer, got {self.max_matching_ngram_size!r}"
+            )
+        if not isinstance(self.num_assistant_tokens, int) or self.num_assistant_tokens < 1:
+            raise ValueError(
+                f"num_assistant_tokens must be a positive integer, got {self.num_assistant_tokens!r}"
+            )
+        if self.num_assistant_tokens_schedule not in ("heuristic", "constant"):
+            raise ValueError(
+                "num_assistant_tokens_schedule must be 'heuristic' or 'constant', "
+                f"got {self.num_assistant_tokens_schedule!r}"
             )
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")

@@ -10,6 +10,7 @@ import torch
 
 from .config import GenerationConfig
 from .sampling import choose_tokens, make_processors
+from .speculative import DraftModel, PromptLookup, SpeculationStats, check_speculation, speculative_steps
 
 
 @dataclass
@@ -28,6 +29,7 @@ class GenerateOutput:
 
     sequences: torch.Tensor
     scores: tuple[torch.Tensor, ...] | None = None
+    speculation: SpeculationStats | None = None  # guesses proposed / accepted, when decoding speculatively
 
     def __getitem__(self, key):
         return getattr(self, key) if isinstance(key, str) else (self.sequences, self.scores)[key]
@@ -175,13 +177,16 @@ def generate(
     streamer=None,
     tokenizer=None,
     generator: torch.Generator | None = None,
+    assistant_model=None,
     **kwargs,
 ) -> torch.Tensor | GenerateOutput:
     """transformers' ``generate``: returns (B, prompt + new) token ids; finished rows are padded with the pad token.
 
     Options are GenerationConfig fields (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
     ``min_p``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``stop_strings``, ...), given as keywords
-    or as ``generation_config``; any other keyword is a TypeError.
+    or as ``generation_config``; any other keyword is a TypeError. ``assistant_model`` (a smaller model with the
+    same tokenizer) or ``prompt_lookup_num_tokens=N`` decode speculatively (`chatlm.generation.speculative`), with
+    the same greedy output; ``model.last_speculation`` then holds the guesses proposed and accepted.
     """
     config = (generation_config or model.generation_config).update(**kwargs)
     config.validate()
@@ -215,10 +220,28 @@ def generate(
         streamer.put(input_ids.cpu())
     stops = _StopStrings(config.stop_strings, tokenizer, batch) if config.stop_strings else None
     out, scores = [input_ids], []
+    speculation = None
+    if assistant_model is not None or config.prompt_lookup_num_tokens is not None:
+        check_speculation(config, batch, assistant_model)
+        if not bool(attention_mask.all()):
+            raise ValueError("speculative decoding takes a sequence without padding")
+        speculation = SpeculationStats()
+        if assistant_model is not None:
+            proposer = DraftModel(
+                assistant_model, config, prompt_length + max_new + config.num_assistant_tokens
+            )
+        else:
+            proposer = PromptLookup(config.prompt_lookup_num_tokens, config.max_matching_ngram_size or 2)
+        model.last_speculation = speculation
     with torch.inference_mode():
-        steps = generate_steps(
-            model, input_ids, attention_mask, config, max_new, generator, stops.hit if stops else None
-        )
+        if speculation is not None:
+            steps = speculative_steps(
+                model, input_ids, config, max_new, proposer, speculation, stops.hit if stops else None
+            )
+        else:
+            steps = generate_steps(
+                model, input_ids, attention_mask, config, max_new, generator, stops.hit if stops else None
+            )
         for step in steps:
             out.append(step.tokens[:, None])
             if config.output_scores:
@@ -229,5 +252,5 @@ def generate(
         streamer.end()
     sequences = torch.cat(out, dim=1)
     if config.return_dict_in_generate:
-        return GenerateOutput(sequences, tuple(scores) if config.output_scores else None)
+        return GenerateOutput(sequences, tuple(scores) if config.output_scores else None, speculation)
     return sequences

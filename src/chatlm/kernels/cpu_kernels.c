@@ -459,16 +459,19 @@ static void linear_rows(const chatlm_linear *l, const float *x, int64_t m, float
             for (int64_t j = 0; j < l->n; j++) y[t * l->n + j] += l->bias[j];
 }
 
-/* One decoding step of a Llama decoder layer (pre-norm attention and SwiGLU MLP with residuals) for one new token
- * per row, float32 activations, in one call: x (batch, hidden) is updated in place, the caches get the new key and
- * value at `offset`. The same operations in the same order as the module path (llama.py), each through the
+/* One decoding step of a Llama decoder layer (pre-norm attention and SwiGLU MLP with residuals), float32
+ * activations, in one call: one new token per row, or `tokens` new tokens of a single row (batch 1: speculative
+ * decoding checks its guesses so), causal among themselves. x (batch * tokens, hidden) is updated in place; the
+ * caches get the new keys and values from slot `offset` on. The same operations in the same order as the module path (llama.py), each through the
  * kernels above. */
-void chatlm_llama_decode_layer(float *x, int64_t batch, int64_t hidden, const float *norm1, const float *norm2,
+void chatlm_llama_decode_layer(float *x, int64_t batch, int64_t tokens, int64_t hidden, const float *norm1,
+                               const float *norm2,
                                float eps, const chatlm_linear *proj /* q, k, v, o, gate, up, down */,
                                const float *cos, const float *sin, int64_t rotary, float *k_cache, float *v_cache,
                                int64_t capacity, int64_t offset, int64_t heads, int64_t kv_heads, int64_t d,
                                float scale) {
     const int64_t qd = heads * d, kvd = kv_heads * d, inter = proj[4].n;
+    batch *= tokens; /* rows */
     float *h = malloc(sizeof(float) * (size_t)(batch * (hidden + qd + 2 * kvd + qd + hidden + 2 * inter)));
     float *q = h + batch * hidden, *k = q + batch * qd, *v = k + batch * kvd, *attn = v + batch * kvd;
     float *o = attn + batch * qd, *g = o + batch * hidden, *u = g + batch * inter;
@@ -476,8 +479,14 @@ void chatlm_llama_decode_layer(float *x, int64_t batch, int64_t hidden, const fl
     linear_rows(&proj[0], h, batch, q);
     linear_rows(&proj[1], h, batch, k);
     linear_rows(&proj[2], h, batch, v);
-    chatlm_decode_attention(q, qd, k, kvd, v, kvd, cos, sin, rotary, 1, rotary, k_cache, v_cache, capacity, offset,
-                            0, batch, heads, kv_heads, d, scale, attn);
+    if (tokens == 1)
+        chatlm_decode_attention(q, qd, k, kvd, v, kvd, cos, sin, rotary, 1, rotary, k_cache, v_cache, capacity,
+                                offset, 0, batch, heads, kv_heads, d, scale, attn);
+    else /* one row: token t sees the cache and tokens 0..t, written just before it attends */
+        for (int64_t t = 0; t < tokens; t++)
+            chatlm_decode_attention(q + t * qd, qd, k + t * kvd, kvd, v + t * kvd, kvd, cos + t * rotary,
+                                    sin + t * rotary, rotary, 1, rotary, k_cache, v_cache, capacity, offset + t, 0,
+                                    1, heads, kv_heads, d, scale, attn + t * qd);
     linear_rows(&proj[3], attn, batch, o);
     for (int64_t i = 0; i < batch * hidden; i++) x[i] += o[i];
     chatlm_rms_norm(x, norm2, 0, batch, hidden, eps, h);

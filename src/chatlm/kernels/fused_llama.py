@@ -72,10 +72,11 @@ class LayerPlan:
     def run(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache, v_cache, offset: int
     ) -> None:
-        """x (B, 1, hidden) float32, updated in place; cos and sin (B, 1, rotary) float32."""
+        """x (B, T, hidden) float32 with B == 1 or T == 1, updated in place; cos and sin (B, T, rotary) float32."""
         native.library().chatlm_llama_decode_layer(
             x.data_ptr(),
             x.shape[0],
+            x.shape[1],
             x.shape[-1],
             self.norms[0],
             self.norms[1],

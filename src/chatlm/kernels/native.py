@@ -49,6 +49,7 @@ SIGNATURES = {
         _ptr,
         _i64,
         _i64,
+        _i64,
         _ptr,
         _ptr,
         _f32,

@@ -169,25 +169,34 @@ def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.
     return out.view(B, H, T, D)
 
 
+class AttentionMasks(dict):
+    """Masks by attention type; ``plain_causal`` when every one is plain causal attention (no padding and no
+    sliding window cut in), whether or not it had to be written out as a tensor."""
+
+    plain_causal = False
+
+
 def attention_masks(
     padding_mask: torch.Tensor | None,
     query_length: int,
     offset: int,
     sliding_window: int | None,
     layer_types: frozenset[str],
-) -> dict[str, torch.Tensor | None]:
+) -> AttentionMasks:
     """Boolean masks (B or 1, 1, T, K) per attention type; None where plain causal attention over all keys will do.
 
     The T queries sit at cache slots offset..offset+T-1, the K = offset+T keys at slots 0..K-1. ``padding_mask``
     (B, K) marks real tokens (left padding is False).
     """
     kv_length = offset + query_length
-    masks: dict[str, torch.Tensor | None] = {}
+    masks = AttentionMasks()
+    masks.plain_causal = padding_mask is None
     device = padding_mask.device if padding_mask is not None else None
     q = torch.arange(offset, kv_length, device=device)[:, None]
     k = torch.arange(kv_length, device=device)[None, :]
     for kind in layer_types:
         windowed = kind == "sliding_attention" and sliding_window is not None and kv_length > sliding_window
+        masks.plain_causal = masks.plain_causal and not windowed
         if padding_mask is None and not windowed and (query_length == 1 or offset == 0):
             masks[kind] = (
                 None  # plain causal: SDPA's is_causal on a fresh prompt, or one token seeing every key

@@ -89,6 +89,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+FUSED_MAX_TOKENS = (
+    16  # tokens of one row that a fused decoding step takes at once (the check of a few guesses)
+)
+
+
 class LlamaForCausalLM(CausalLM):
     # Qwen2 is Llama with biases on q, k and v; Mistral is Llama with a sliding window (from its config).
     QKV_BIAS = {"qwen2": True}
@@ -112,14 +117,16 @@ class LlamaForCausalLM(CausalLM):
 
     def _decode_plans(self, x, cos, masks, cache) -> list | None:
         """Per layer, the native plan of a decoding step (`kernels.fused_llama`), or None for the module path:
-        one new token per row, float32 activations, a dense cache, no mask."""
+        one new token per row (or a few tokens of one row: speculative decoding's check), float32 activations,
+        plain causal attention."""
+        batch, tokens = x.shape[:2]
         if (
-            x.shape[1] != 1
+            not (tokens == 1 or (batch == 1 and tokens <= FUSED_MAX_TOKENS))
             or cache is None
             or x.dtype != torch.float32
             or cos.dtype != torch.float32
             or not x.is_cpu
-            or any(m is not None for m in masks.values())
+            or not getattr(masks, "plain_causal", False)
             or torch.is_grad_enabled()
         ):
             return None

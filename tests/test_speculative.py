@@ -1,0 +1,146 @@
+"""Speculative decoding (greedy): prompt lookup and a draft model give plain greedy decoding's output, token for
+token, on tiny random models and on the bundled model; what it refuses in this version, it refuses clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatlm import AutoModelForCausalLM, AutoTokenizer, QuantizationConfig
+from chatlm.generation.speculative import PromptLookup
+from checkpoints import write_checkpoint
+
+VARIANTS = ["llama", "qwen2", "mistral", "gemma3_text", "qwen2_moe", "phi3_short_partial"]
+
+
+def repetitive_prompt(vocab: int, seed: int) -> torch.Tensor:
+    """A prompt that repeats a phrase, so that lookups find candidates (and the model may well repeat it)."""
+    g = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(3, vocab, (6,), generator=g)
+    noise = torch.randint(3, vocab, (5,), generator=g)
+    return torch.cat([phrase, noise, phrase, noise[:2], phrase[:3]])[None]
+
+
+def assert_same(got, expected):
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prompt_lookup_is_plain_greedy(tiny_checkpoints, variant):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[variant])
+    ids = repetitive_prompt(model.config.vocab_size, seed=1)
+    options = dict(max_new_tokens=24, output_scores=True, return_dict_in_generate=True, eos_token_id=None)
+    plain = model.generate(ids, **options)
+    for n in (1, 3, 8):
+        got = model.generate(ids, prompt_lookup_num_tokens=n, **options)
+        assert_same(got, plain)
+        stats = got.speculation
+        assert 0 <= stats.accepted <= stats.proposed and stats.rounds <= 24
+        assert (
+            stats.rounds + stats.accepted == 24
+        )  # each round settles its accepted guesses and one more token
+
+
+def test_draft_model_is_plain_greedy(tmp_path, tiny_checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    other = AutoModelForCausalLM.from_pretrained(write_checkpoint(tmp_path / "draft", "llama", seed=7))
+    ids = repetitive_prompt(model.config.vocab_size, seed=2)
+    options = dict(max_new_tokens=20, output_scores=True, return_dict_in_generate=True, eos_token_id=None)
+    plain = model.generate(ids, **options)
+    for draft, schedule in ((other, "heuristic"), (other, "constant"), (model, "heuristic")):
+        got = model.generate(
+            ids,
+            assistant_model=draft,
+            num_assistant_tokens=3,
+            num_assistant_tokens_schedule=schedule,
+            **options,
+        )
+        assert_same(got, plain)
+    # the model as its own draft: every guess is right, so a round settles many tokens
+    assert got.speculation.accepted == got.speculation.proposed and got.speculation.rounds < 8
+
+
+def test_stops_as_plain_greedy_does(tiny_checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    ids = repetitive_prompt(model.config.vocab_size, seed=3)
+    plain = model.generate(ids, max_new_tokens=16, eos_token_id=None)
+    eos = int(plain[0, ids.shape[1] + 5])  # a token the model emits: it must end the reply right there
+    expected = model.generate(ids, max_new_tokens=16, eos_token_id=eos)
+    got = model.generate(ids, max_new_tokens=16, eos_token_id=eos, prompt_lookup_num_tokens=4)
+    assert got.tolist() == expected.tolist() and got.shape[1] <= ids.shape[1] + 6
+    for limit in (1, 2, 7):  # max_new_tokens cuts a round short
+        a = model.generate(ids, max_new_tokens=limit, eos_token_id=None, prompt_lookup_num_tokens=5)
+        assert a.tolist() == plain[:, : ids.shape[1] + limit].tolist()
+    penalty = dict(max_new_tokens=12, eos_token_id=None, repetition_penalty=1.3, min_new_tokens=3)
+    assert (
+        model.generate(ids, prompt_lookup_num_tokens=4, **penalty).tolist()
+        == model.generate(ids, **penalty).tolist()
+    )
+
+
+def test_prompt_lookup_candidates():
+    lookup = PromptLookup(num_tokens=3, max_ngram=2)
+    ids = torch.tensor([5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6])
+    assert lookup.propose(ids) == [1, 2, 5]  # the latest earlier "5 6" is followed by 1 2 5
+    assert lookup.propose(torch.tensor([1, 2, 3, 4])) == []  # no earlier n-gram: no guess
+    assert PromptLookup(2, 2).propose(torch.tensor([4, 1, 9, 3, 1])) == [9, 3]  # falls back to a 1-gram
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(do_sample=True), "greedy only"),
+        (dict(prompt_lookup_num_tokens=0), "positive integer"),
+        (dict(num_assistant_tokens=0), "positive integer"),
+        (dict(num_assistant_tokens_schedule="fast"), "heuristic"),
+    ],
+)
+def test_refusals(tiny_checkpoints, kwargs, match):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    ids = repetitive_prompt(model.config.vocab_size, seed=4)
+    kwargs.setdefault("prompt_lookup_num_tokens", 3)
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, max_new_tokens=4, **kwargs)
+
+
+def test_refuses_batches_padding_and_two_drafters(tiny_checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    ids = repetitive_prompt(model.config.vocab_size, seed=5)
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        model.generate(ids.repeat(2, 1), max_new_tokens=4, prompt_lookup_num_tokens=3)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="without padding"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(ids, max_new_tokens=4, prompt_lookup_num_tokens=3, assistant_model=model)
+
+
+EDIT_CHAT = [
+    {
+        "role": "user",
+        "content": "Repeat this paragraph exactly, with 'river' changed to 'River':\n\nThe river Danube rises in the "
+        "Black Forest of Germany and flows for about 2,850 kilometres through ten countries before it empties into "
+        "the Black Sea. Along its course it passes four capital cities: Vienna, Bratislava, Budapest and Belgrade.",
+    }
+]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_bundled_model_edit_chat(bundled_model, quantized):
+    """On the bundled model, a reply that quotes its prompt: the same greedy reply, most guesses accepted. The
+    4-bit model checks its guesses through the fused native layer (several tokens of one row at once)."""
+    tok = AutoTokenizer.from_pretrained(None)
+    model = (
+        AutoModelForCausalLM.from_pretrained(None, quantization_config=QuantizationConfig(load_in_4bit=True))
+        if quantized
+        else bundled_model
+    )
+    ids = tok.apply_chat_template(EDIT_CHAT, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    plain = model.generate(ids, max_new_tokens=60)
+    got = model.generate(ids, max_new_tokens=60, prompt_lookup_num_tokens=10, return_dict_in_generate=True)
+    assert got.sequences.tolist() == plain.tolist()
+    assert got.speculation.acceptance_rate > 0.5
+    assert model.last_speculation is got.speculation
