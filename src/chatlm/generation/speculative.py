@@ -13,11 +13,15 @@ Guesses come from a `Proposer`:
   tokens greedily in its own cache; with the "heuristic" schedule (as transformers), that number grows by 2 after
   a round that accepts every guess and shrinks by 1 otherwise.
 
+A `Governor` times rounds with and without guesses and stops guessing while guessing costs more per token than
+plain steps (a reply that quotes nothing gives prompt lookup little to accept), trying again later.
+
 This increment decodes one sequence greedily; sampling and batches are refused with a ValueError that says so.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -38,6 +42,38 @@ class SpeculationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+
+class Governor:
+    """Turns guessing off while it measurably loses. It keeps running costs per settled token of rounds with
+    guesses and of plain steps (one token, no guess); when the guesses' cost passes plain's, it stops proposing for
+    a while (4 rounds, doubling while the losses go on, up to 64), then tries again: the text may have come to
+    something worth quoting. The first round is plain, to know what plain costs."""
+
+    def __init__(self, backoff: int = 4, longest: int = 64, weight: float = 0.3):
+        self.first_backoff, self.longest, self.weight = backoff, longest, weight
+        self.backoff = backoff
+        self.cost: dict[str, float | None] = {"plain": None, "guess": None}  # seconds per settled token
+        self.rounds_off = 1  # start with one plain step
+
+    def should_guess(self) -> bool:
+        if self.rounds_off > 0:
+            self.rounds_off -= 1
+            return False
+        return True
+
+    def record(self, guessed: bool, seconds: float, settled: int) -> None:
+        kind = "guess" if guessed else "plain"
+        per_token = seconds / max(1, settled)
+        old = self.cost[kind]
+        self.cost[kind] = per_token if old is None else (1 - self.weight) * old + self.weight * per_token
+        plain, guess = self.cost["plain"], self.cost["guess"]
+        if not guessed or plain is None:
+            return
+        if guess > plain:
+            self.rounds_off, self.backoff = self.backoff, min(self.longest, 2 * self.backoff)
+        else:
+            self.backoff = self.first_backoff
 
 
 class PromptLookup:
@@ -111,6 +147,7 @@ def speculative_steps(
     proposer,
     stats: SpeculationStats,
     stop_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    governor: Governor | None = None,
 ) -> Iterator:
     """Steps (as ``generate_steps`` yields them) of greedy decoding of one unpadded sequence, with guesses from
     ``proposer`` checked in one forward pass per round."""
@@ -126,6 +163,7 @@ def speculative_steps(
     length = prompt_length
     cache = model.new_cache(1, prompt_length + max_new_tokens + 1)
     not_done = torch.zeros(1, dtype=torch.bool, device=device)
+    governor = governor or Governor()
 
     def choose(logits: torch.Tensor, length: int) -> tuple[int, torch.Tensor]:
         """The greedy token after ids[:length] from its raw logits, as plain decoding chooses it."""
@@ -140,7 +178,9 @@ def speculative_steps(
     if prompt_length > 1:
         model(input_ids[:, :-1], past_key_values=cache, logits_to_keep=1)
     while True:
-        guesses = proposer.propose(ids[:length])[: max(0, max_new_tokens - (length - prompt_length) - 1)]
+        started = time.perf_counter()
+        budget = max(0, max_new_tokens - (length - prompt_length) - 1)
+        guesses = proposer.propose(ids[:length])[:budget] if budget and governor.should_guess() else []
         fed = torch.cat([ids[length - 1 : length], torch.tensor(guesses, dtype=torch.long, device=device)])
         logits = model(fed[None], past_key_values=cache).logits[0]  # (1 + guesses, vocab)
         stats.rounds += 1
@@ -160,7 +200,6 @@ def speculative_steps(
                 break
             taken += 1
             stats.accepted += 1
-        cache.trim(
-            len(guesses) - taken
-        )  # forget the rejected guesses: the cache ends before the pending token
+        cache.trim(len(guesses) - taken)  # the rejected guesses: the cache ends before the pending token
         proposer.accepted(length - 1, taken == len(guesses))
+        governor.record(bool(guesses), time.perf_counter() - started, taken + 1)
