@@ -182,3 +182,19 @@ def test_speculation_with_a_losing_governor_is_still_plain_greedy(tiny_checkpoin
         )
     assert [int(s.tokens[0]) for s in steps] == plain[0, ids.shape[1] :].tolist()
     assert stats.rounds > 20 - stats.accepted - 1 and stats.proposed <= 3 * 4  # few rounds guessed at all
+
+
+def test_pipeline_speculates_with_the_same_replies(bundled_model):
+    from chatlm import pipeline
+
+    chats = [EDIT_CHAT, [{"role": "user", "content": "Say hello in French, then repeat it."}]]
+    plain = pipeline("text-generation", bundled_model, max_new_tokens=24)(chats, do_sample=False)
+    lookup = pipeline("text-generation", bundled_model, max_new_tokens=24)(
+        chats, do_sample=False, prompt_lookup_num_tokens=6
+    )
+    drafted = pipeline("text-generation", bundled_model, max_new_tokens=24, assistant_model=bundled_model)(
+        chats, do_sample=False
+    )
+    assert lookup == plain and drafted == plain
+    # its own draft: every guess up to the end of the reply is right (guesses past the end count as proposed)
+    assert bundled_model.last_speculation.acceptance_rate > 0.5

@@ -28,14 +28,25 @@ CALL_OPTIONS = {
     "return_tensors",
     "return_text",
     "clean_up_tokenization_spaces",
+    "assistant_model",
 }
 
 
 class TextGenerationPipeline:
     """Calls a chat model the way the transformers chat guide shows."""
 
-    def __init__(self, model: CausalLM, tokenizer, batch_size: int = 8, **generate_kwargs):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer,
+        batch_size: int = 8,
+        assistant_model: CausalLM | None = None,
+        **generate_kwargs,
+    ):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.assistant_model = (
+            assistant_model  # a draft for speculative decoding (see chatlm.generation.speculative)
+        )
         base = model.generation_config
         has_own = bool(base.extra) or base.do_sample or base.max_new_tokens is not None
         self.generation_config = base if has_own else base.update(**PIPELINE_DEFAULTS)
@@ -59,6 +70,11 @@ class TextGenerationPipeline:
             kwargs = {**{k: v for k, v in NEUTRAL_SAMPLING.items() if k not in kwargs}, **kwargs}
         config = self.generation_config.update(**kwargs)
         batch_size = options.get("batch_size") or self.batch_size
+        if (
+            options.get("assistant_model", self.assistant_model) is not None
+            or config.prompt_lookup_num_tokens
+        ):
+            batch_size = 1  # speculative decoding takes one sequence at a time
         results = []
         for start in range(0, len(items), batch_size):
             results.extend(self._run(items[start : start + batch_size], config, options))
@@ -94,6 +110,7 @@ class TextGenerationPipeline:
             attention_mask=mask.to(self.model.device),
             generation_config=config,
             tokenizer=tok,
+            assistant_model=options.get("assistant_model", self.assistant_model),
         )
         n = config.num_return_sequences
         skip = options.get("skip_special_tokens", True)
@@ -213,7 +230,9 @@ def pipeline(
     **kwargs,
 ) -> TextGenerationPipeline:
     """``pipeline("text-generation", MODEL, torch_dtype=..., device_map=...)``; MODEL is a path, a Hub id, a loaded
-    model, or None for the bundled model. Remaining keywords are generation defaults (``max_new_tokens``...)."""
+    model, or None for the bundled model. ``assistant_model`` (a loaded model or a reference, loaded as MODEL is)
+    drafts for speculative decoding. Remaining keywords are generation defaults (``max_new_tokens``,
+    ``prompt_lookup_num_tokens``...)."""
     from .tokenizer import AutoTokenizer
 
     if task not in TASKS:
@@ -231,6 +250,13 @@ def pipeline(
                 raise ValueError(f"{key} is given both directly and in model_kwargs")
             load_kwargs[key] = value
     batch_size = kwargs.pop("batch_size", 8)
+    assistant = kwargs.pop("assistant_model", None)
+    if assistant is not None and not isinstance(
+        assistant, CausalLM
+    ):  # a path or Hub id: load it as the model
+        assistant = AutoModelForCausalLM.from_pretrained(
+            assistant, device_map=device_map if device is None else _device(device), **load_kwargs
+        )
     if isinstance(model, CausalLM):
         if load_kwargs:
             raise ValueError(
@@ -248,7 +274,9 @@ def pipeline(
         tokenizer = AutoTokenizer.from_pretrained(source)
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return TextGenerationPipeline(model, tokenizer, batch_size=batch_size, **kwargs)
+    return TextGenerationPipeline(
+        model, tokenizer, batch_size=batch_size, assistant_model=assistant, **kwargs
+    )
 
 
 def _device(device) -> str:

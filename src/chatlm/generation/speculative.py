@@ -201,5 +201,5 @@ def speculative_steps(
             taken += 1
             stats.accepted += 1
         cache.trim(len(guesses) - taken)  # the rejected guesses: the cache ends before the pending token
-        proposer.accepted(length - 1, taken == len(guesses))
+        proposer.accepted(length - 1, bool(guesses) and taken == len(guesses))
         governor.record(bool(guesses), time.perf_counter() - started, taken + 1)
