@@ -91,7 +91,6 @@ def test_prompt_lookup_candidates():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(do_sample=True), "greedy only"),
         (dict(prompt_lookup_num_tokens=0), "positive integer"),
         (dict(num_assistant_tokens=0), "positive integer"),
         (dict(num_assistant_tokens_schedule="fast"), "heuristic"),
@@ -198,3 +197,73 @@ def test_pipeline_speculates_with_the_same_replies(bundled_model):
     assert lookup == plain and drafted == plain
     # its own draft: every guess up to the end of the reply is right (guesses past the end count as proposed)
     assert bundled_model.last_speculation.acceptance_rate > 0.5
+
+
+def chi_square_z(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square of counts against probabilities, as a z-score (Wilson-Hilferty), over cells expected
+    at least 5 times (the rest merged into one)."""
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    dof = int(keep.sum()) - 1
+    return ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / (2 / (9 * dof)) ** 0.5
+
+
+def two_token_distribution(model, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """P(t1, t2 | prompt) of plain sampling at this temperature, flattened to vocab * vocab."""
+    with torch.no_grad():
+        first = (model(ids).logits[0, -1].double() / temperature).softmax(-1)
+        vocab = first.shape[0]
+        pairs = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)
+        second = (model(pairs).logits[:, -1].double() / temperature).softmax(-1)
+    return (first[:, None] * second).flatten()
+
+
+def test_speculative_sampling_draws_from_the_models_distribution(tmp_path):
+    """Many two-token samples through prompt lookup and through a draft model, against the chat model's own
+    distribution of the next two tokens (a chi-square test; the same test rejects the draft's distribution).
+    Every round guesses (no governor pauses), so both tokens come out of the rejection rule's round."""
+    from chatlm.generation.speculative import (
+        DraftModel,
+        Governor,
+        PromptLookup,
+        SpeculationStats,
+        speculative_steps,
+    )
+
+    class AlwaysGuess(Governor):
+        def should_guess(self) -> bool:
+            return True
+
+    vocab, temperature, samples = 12, 1.3, 1000
+    model = AutoModelForCausalLM.from_pretrained(write_checkpoint(tmp_path / "m", "llama", vocab_size=vocab))
+    draft = AutoModelForCausalLM.from_pretrained(
+        write_checkpoint(tmp_path / "d", "llama", seed=5, vocab_size=vocab)
+    )
+    ids = torch.tensor([[3, 4, 5, 6, 3, 4, 5, 6, 3, 4]])
+    truth = two_token_distribution(model, ids, temperature)
+    config = model.generation_config.update(
+        do_sample=True, temperature=temperature, top_k=0, eos_token_id=None
+    )
+    for name in ("lookup", "draft"):
+        generator = torch.Generator().manual_seed(0)
+        counts = torch.zeros(vocab * vocab, dtype=torch.float64)
+        stats = SpeculationStats()
+        with torch.inference_mode():
+            for _ in range(samples):
+                proposer = PromptLookup(2) if name == "lookup" else DraftModel(draft, config, 16, generator)
+                steps = speculative_steps(
+                    model, ids, config, 2, proposer, stats, governor=AlwaysGuess(), generator=generator
+                )
+                t1, t2 = (int(step.tokens[0]) for step in steps)
+                counts[t1 * vocab + t2] += 1
+        assert stats.proposed == samples and 0 < stats.accepted < stats.proposed, (
+            name
+        )  # kept and rejected guesses
+        assert chi_square_z(counts, truth) < 3.7, name  # p > 1e-4
+    wrong = two_token_distribution(draft, ids, temperature)
+    assert chi_square_z(counts, wrong) > 10  # the test can tell distributions apart

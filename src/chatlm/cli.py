@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=_positive_int,
             default=None,
             metavar="N",
-            help="speculative decoding: guess N tokens from the chat so far (greedy only; same reply, faster)",
+            help="speculative decoding: guess N tokens from the chat so far (the same replies, faster when they quote)",
         )
         p.add_argument(
             "--draft", default=None, metavar="MODEL", help="speculative decoding with a smaller draft model"
@@ -161,10 +161,6 @@ class Session:
         if self.tokenizer.chat_template is None:
             raise ValueError(
                 f"{model_ref or 'the model'} has no chat template; use `chatlm run` with plain text"
-            )
-        if (args.prompt_lookup or args.draft) and args.temperature > 0:
-            raise ValueError(
-                "--prompt-lookup and --draft decode greedily in this version: use --temperature 0"
             )
         if args.prompt_lookup and args.draft:
             raise ValueError("choose one of --prompt-lookup and --draft")

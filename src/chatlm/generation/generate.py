@@ -227,16 +227,16 @@ def generate(
             raise ValueError("speculative decoding takes a sequence without padding")
         speculation = SpeculationStats()
         if assistant_model is not None:
-            proposer = DraftModel(
-                assistant_model, config, prompt_length + max_new + config.num_assistant_tokens
-            )
+            capacity = prompt_length + max_new + config.num_assistant_tokens
+            proposer = DraftModel(assistant_model, config, capacity, generator)
         else:
             proposer = PromptLookup(config.prompt_lookup_num_tokens, config.max_matching_ngram_size or 2)
         model.last_speculation = speculation
     with torch.inference_mode():
         if speculation is not None:
+            stop = stops.hit if stops else None
             steps = speculative_steps(
-                model, input_ids, config, max_new, proposer, speculation, stops.hit if stops else None
+                model, input_ids, config, max_new, proposer, speculation, stop, generator=generator
             )
         else:
             steps = generate_steps(

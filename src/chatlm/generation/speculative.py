@@ -1,12 +1,15 @@
-"""Speculative decoding, greedy: guess several tokens cheaply, check them all in one forward pass of the model.
+"""Speculative decoding: guess several tokens cheaply, check them all in one forward pass of the model.
 
 Each round the model is fed the pending token and the guesses, k + 1 tokens at once. Its greedy choice after
 each fed token is computed exactly as plain decoding computes it (logits processors included), guesses are kept
 while they equal those choices, and the first choice that differs (or the one after the last guess) becomes the
-next pending token. The output is plain greedy decoding's, token for token (to float rounding: a forward pass over
+next pending token. The greedy output is plain greedy decoding's, token for token (to float rounding: a forward pass over
 k + 1 tokens sums in another order than k + 1 passes over one); the cache is trimmed back to what was accepted.
 
-Guesses come from a `Proposer`:
+Sampling (``do_sample=True``) keeps or replaces each guess by the rejection rule of speculative sampling
+(`accept`), so the output is distributed exactly as plain sampling's: the same distribution, not the same draws.
+
+Guesses come from a proposer:
 - `PromptLookup` (``prompt_lookup_num_tokens``): the tokens that followed the latest earlier occurrence of the
   sequence's last n-gram. Free, and a big win when the reply quotes its input (editing, summaries, code).
 - `DraftModel` (``assistant_model``): a smaller model with the same tokenizer decodes ``num_assistant_tokens``
@@ -16,7 +19,7 @@ Guesses come from a `Proposer`:
 A `Governor` times rounds with and without guesses and stops guessing while guessing costs more per token than
 plain steps (a reply that quotes nothing gives prompt lookup little to accept), trying again later.
 
-This increment decodes one sequence greedily; sampling and batches are refused with a ValueError that says so.
+This increment decodes one sequence at a time; a batch is refused with a ValueError that says so.
 """
 
 from __future__ import annotations
@@ -102,20 +105,37 @@ class PromptLookup:
 class DraftModel:
     """Guesses by greedy decoding with a smaller model that shares the tokenizer, in a cache of its own."""
 
-    def __init__(self, model, config: GenerationConfig, capacity: int):
+    def __init__(
+        self, model, config: GenerationConfig, capacity: int, generator: torch.Generator | None = None
+    ):
         self.model = model
         self.k = config.num_assistant_tokens
         self.adaptive = config.num_assistant_tokens_schedule == "heuristic"
         self.cache = model.new_cache(1, capacity)
+        self.sampling, self.generator = config.do_sample, generator
+        self.processors = make_processors(config)
+        self.distributions: list[
+            torch.Tensor
+        ] = []  # when sampling: the distribution each guess was drawn from
 
     def propose(self, ids: torch.Tensor) -> list[int]:
         guesses: list[int] = []
+        self.distributions = []
         fed = ids[self.cache.offset :][None]  # what the draft's cache lacks, up to the pending token
+        seen = ids
         for _ in range(self.k):
-            logits = self.model(fed, past_key_values=self.cache, logits_to_keep=1).logits[0, -1]
-            token = int(logits.argmax())
+            scores = self.model(fed, past_key_values=self.cache, logits_to_keep=1).logits[:, -1].float()
+            for process in self.processors:  # the chat model's own processing: guesses it would make
+                scores = process(seen[None], scores)
+            if self.sampling:
+                probs = scores.softmax(-1)[0]
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
+                self.distributions.append(probs)
+            else:
+                token = int(scores.argmax())
             guesses.append(token)
             fed = torch.tensor([[token]], device=ids.device)
+            seen = torch.cat([seen, fed[0]])
         return guesses
 
     def accepted(self, length: int, all_accepted: bool) -> None:
@@ -125,12 +145,30 @@ class DraftModel:
             self.k = self.k + 2 if all_accepted else max(1, self.k - 1)
 
 
+def accept(
+    target: torch.Tensor, guess: int | None, draft: torch.Tensor | None, generator: torch.Generator | None
+) -> int:
+    """Speculative sampling's rule (Leviathan et al. 2023, Chen et al. 2023): keep a guess drawn from ``draft``
+    with probability min(1, target / draft) at the guess, else draw from the normalised max(0, target - draft).
+    The token that comes out is distributed as ``target`` exactly. A guess with no draft distribution (prompt
+    lookup) was certain: draft is 1 at the guess. No guess: a plain draw from ``target``."""
+    if guess is None:
+        return int(torch.multinomial(target, 1, generator=generator))
+    q = float(draft[guess]) if draft is not None else 1.0
+    u = float(torch.rand((), generator=generator))
+    if u * q < float(target[guess]):  # u < target / draft, without dividing by a tiny q
+        return guess
+    if draft is not None:
+        residual = (target - draft).clamp(min=0)
+    else:
+        residual = target.clone()
+        residual[guess] = 0
+    if float(residual.sum()) <= 0:  # target == draft: the rule cannot reject; only rounding gets here
+        return guess
+    return int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+
+
 def check_speculation(config: GenerationConfig, batch: int, assistant_model) -> None:
-    if config.do_sample:
-        raise ValueError(
-            "speculative decoding (assistant_model / prompt_lookup_num_tokens) is greedy only in this version: "
-            "pass do_sample=False"
-        )
     if batch != 1:
         raise ValueError(
             f"speculative decoding takes one sequence at a time in this version, got a batch of {batch}"
@@ -148,9 +186,10 @@ def speculative_steps(
     stats: SpeculationStats,
     stop_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     governor: Governor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Iterator:
-    """Steps (as ``generate_steps`` yields them) of greedy decoding of one unpadded sequence, with guesses from
-    ``proposer`` checked in one forward pass per round."""
+    """Steps (as ``generate_steps`` yields them) of decoding one unpadded sequence, with guesses from ``proposer``
+    checked in one forward pass per round: greedy, or sampling with the rejection rule (see `accept`)."""
     from .generate import Step
 
     device = input_ids.device
@@ -165,14 +204,19 @@ def speculative_steps(
     not_done = torch.zeros(1, dtype=torch.bool, device=device)
     governor = governor or Governor()
 
-    def choose(logits: torch.Tensor, length: int) -> tuple[int, torch.Tensor]:
-        """The greedy token after ids[:length] from its raw logits, as plain decoding chooses it."""
+    def choose(logits: torch.Tensor, length: int, guess: int | None, i: int) -> tuple[int, torch.Tensor]:
+        """The token after ids[:length] from its raw logits: plain decoding's choice when greedy; when sampling,
+        the guess if the rejection rule keeps it, else a draw that makes the result exactly the model's."""
         scores = logits.float()[None]
         for process in processors:
             scores = process(ids[None, :length], scores)
         if length - prompt_length < min_new and eos:
             scores[:, list(eos)] = -float("inf")
-        return int(scores.argmax(-1)), scores
+        if not config.do_sample:
+            return int(scores.argmax(-1)), scores
+        target = scores.softmax(-1)[0]
+        drafts = getattr(proposer, "distributions", None)
+        return accept(target, guess, drafts[i] if drafts else None, generator), scores
 
     # Prefill all but the last prompt token: every round starts by feeding the pending token.
     if prompt_length > 1:
@@ -187,7 +231,7 @@ def speculative_steps(
         stats.proposed += len(guesses)
         taken = 0
         for i in range(len(guesses) + 1):
-            token, scores = choose(logits[i], length)
+            token, scores = choose(logits[i], length, guesses[i] if i < len(guesses) else None, i)
             ids[length] = token
             length += 1
             yield Step(torch.tensor([token], device=device), not_done.clone(), scores)
