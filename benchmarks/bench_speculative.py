@@ -5,8 +5,9 @@
 
 Two chats: one that edits a paragraph it is given (its reply quotes the prompt: prompt lookup's case) and one
 that answers an open question (nothing to quote). For each weight format (float32, and 4-bit: the GGUF's Q4_1
-blocks kept) the rows are plain greedy decoding, prompt lookup with 5 and 10 guesses, and a draft model: the 4-bit
-bundled model drafting for the float32 one (the same tokenizer, 6x cheaper per token). Every speculative row must
+blocks kept) the rows are plain greedy decoding, prompt lookup with 5 and 10 guesses, self-speculation (the
+model's first 8 of its 30 layers draft), and a draft model: the 4-bit bundled model drafting for the float32 one
+(the same tokenizer, 6x cheaper per token). Every speculative row must
 give plain decoding's reply token for token (the script stops if not). Decode tok/s counts the reply's tokens
 after the first over the time between the first token's arrival and the last's (prefill left out); the
 acceptance rate is accepted / proposed guesses.
@@ -74,6 +75,7 @@ def main() -> None:
         for weights, model in models.items():
             configs = {"plain": {}, "prompt lookup 5": dict(prompt_lookup_num_tokens=5)}
             configs["prompt lookup 10"] = dict(prompt_lookup_num_tokens=10)
+            configs["self-speculation, 8 of 30 layers"] = dict(assistant_early_exit=8, num_assistant_tokens=4)
             if weights == "float32":
                 configs["draft: int4 bundled"] = dict(assistant_model=models["int4"])
             best: dict[str, tuple[float, object]] = {}

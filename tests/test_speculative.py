@@ -113,7 +113,7 @@ def test_refuses_batches_padding_and_two_drafters(tiny_checkpoints):
     mask[0, 0] = 0
     with pytest.raises(ValueError, match="without padding"):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, prompt_lookup_num_tokens=3)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not several"):
         model.generate(ids, max_new_tokens=4, prompt_lookup_num_tokens=3, assistant_model=model)
 
 
@@ -267,3 +267,20 @@ def test_speculative_sampling_draws_from_the_models_distribution(tmp_path):
         assert chi_square_z(counts, truth) < 3.7, name  # p > 1e-4
     wrong = two_token_distribution(draft, ids, temperature)
     assert chi_square_z(counts, wrong) > 10  # the test can tell distributions apart
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma3_text", "qwen2_moe"])
+def test_self_speculation_is_plain_greedy(tiny_checkpoints, variant):
+    """The model's first layer drafts on the model's own cache; the output is plain greedy decoding's."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[variant])
+    ids = repetitive_prompt(model.config.vocab_size, seed=8)
+    options = dict(max_new_tokens=20, output_scores=True, return_dict_in_generate=True, eos_token_id=None)
+    plain = model.generate(ids, **options)
+    for layers in (1, model.config.num_hidden_layers):
+        got = model.generate(ids, assistant_early_exit=layers, num_assistant_tokens=3, **options)
+        assert_same(got, plain)
+        assert got.speculation.proposed > 0
+    # all layers: the draft is the model itself, so every guess is right
+    assert got.speculation.accepted == got.speculation.proposed
+    with pytest.raises(ValueError, match="early exit needs"):
+        model.generate(ids, assistant_early_exit=99, max_new_tokens=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +47,28 @@ class CausalLM(nn.Module):
         self._longrope_context = longrope_context(config)
         self._rope_scale = rope_attention_factor(config)
         self._attention_types = frozenset(config.layer_types)  # once, not on every decode step
+        self._exit_layer: int | None = None  # see early_exit
 
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
         raise NotImplementedError
+
+    def active_layers(self):
+        """The decoder layers a forward call runs: all of them, or the first few inside `early_exit`."""
+        layers = self.model.layers
+        return layers if self._exit_layer is None else layers[: self._exit_layer]
+
+    @contextlib.contextmanager
+    def early_exit(self, layers: int):
+        """Within the block, forward calls run only the first ``layers`` decoder layers, then the final norm and
+        the LM head: the model's own cheap draft for self-speculative decoding. Their cache entries for those
+        layers are the full model's too (the layers' inputs are the same)."""
+        if not 0 < layers <= len(self.model.layers):
+            raise ValueError(f"early exit needs 1 to {len(self.model.layers)} layers, got {layers}")
+        self._exit_layer = layers
+        try:
+            yield self
+        finally:
+            self._exit_layer = None
 
     def checkpoint_slot(self, name: str) -> tuple[str | None, tuple]:
         """Where checkpoint tensor ``name`` goes: (parameter name, index into it); an empty index is the whole

@@ -37,6 +37,7 @@ class GenerationConfig:
     max_matching_ngram_size: int | None = None
     num_assistant_tokens: int = 20
     num_assistant_tokens_schedule: str = "heuristic"
+    assistant_early_exit: int | None = None
     # Keys of generation_config.json that we keep but do not act on (transformers_version, ...).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -114,6 +115,12 @@ class GenerationConfig:
         ):
             raise ValueError(
                 f"max_matching_ngram_size must be a positive integer, got {self.max_matching_ngram_size!r}"
+            )
+        if self.assistant_early_exit is not None and (
+            not isinstance(self.assistant_early_exit, int) or self.assistant_early_exit < 1
+        ):
+            raise ValueError(
+                f"assistant_early_exit must be a positive integer, got {self.assistant_early_exit!r}"
             )
         if not isinstance(self.num_assistant_tokens, int) or self.num_assistant_tokens < 1:
             raise ValueError(

@@ -10,7 +10,14 @@ import torch
 
 from .config import GenerationConfig
 from .sampling import choose_tokens, make_processors
-from .speculative import DraftModel, PromptLookup, SpeculationStats, check_speculation, speculative_steps
+from .speculative import (
+    DraftModel,
+    EarlyExitDraft,
+    PromptLookup,
+    SpeculationStats,
+    check_speculation,
+    speculative_steps,
+)
 
 
 @dataclass
@@ -221,12 +228,18 @@ def generate(
     stops = _StopStrings(config.stop_strings, tokenizer, batch) if config.stop_strings else None
     out, scores = [input_ids], []
     speculation = None
-    if assistant_model is not None or config.prompt_lookup_num_tokens is not None:
+    if (
+        assistant_model is not None
+        or config.prompt_lookup_num_tokens is not None
+        or config.assistant_early_exit is not None
+    ):
         check_speculation(config, batch, assistant_model)
         if not bool(attention_mask.all()):
             raise ValueError("speculative decoding takes a sequence without padding")
         speculation = SpeculationStats()
-        if assistant_model is not None:
+        if config.assistant_early_exit is not None:
+            proposer = EarlyExitDraft(model, config.assistant_early_exit, config, generator)
+        elif assistant_model is not None:
             capacity = prompt_length + max_new + config.num_assistant_tokens
             proposer = DraftModel(assistant_model, config, capacity, generator)
         else:

@@ -13,8 +13,9 @@ Guesses come from a proposer:
 - `PromptLookup` (``prompt_lookup_num_tokens``): the tokens that followed the latest earlier occurrence of the
   sequence's last n-gram. Free, and a big win when the reply quotes its input (editing, summaries, code).
 - `DraftModel` (``assistant_model``): a smaller model with the same tokenizer decodes ``num_assistant_tokens``
-  tokens greedily in its own cache; with the "heuristic" schedule (as transformers), that number grows by 2 after
-  a round that accepts every guess and shrinks by 1 otherwise.
+  tokens in its own cache; with the "heuristic" schedule (as transformers), that number grows by 2 after a round
+  that accepts every guess and shrinks by 1 otherwise.
+- `EarlyExitDraft` (``assistant_early_exit=layers``): the model's first layers and LM head, on its own cache.
 
 A `Governor` times rounds with and without guesses and stops guessing while guessing costs more per token than
 plain steps (a reply that quotes nothing gives prompt lookup little to accept), trying again later.
@@ -103,7 +104,7 @@ class PromptLookup:
 
 
 class DraftModel:
-    """Guesses by greedy decoding with a smaller model that shares the tokenizer, in a cache of its own."""
+    """Guesses by decoding with a smaller model that shares the tokenizer, in a cache of its own."""
 
     def __init__(
         self, model, config: GenerationConfig, capacity: int, generator: torch.Generator | None = None
@@ -111,7 +112,7 @@ class DraftModel:
         self.model = model
         self.k = config.num_assistant_tokens
         self.adaptive = config.num_assistant_tokens_schedule == "heuristic"
-        self.cache = model.new_cache(1, capacity)
+        self.cache = model.new_cache(1, capacity) if capacity else None
         self.sampling, self.generator = config.do_sample, generator
         self.processors = make_processors(config)
         self.distributions: list[
@@ -145,6 +146,32 @@ class DraftModel:
             self.k = self.k + 2 if all_accepted else max(1, self.k - 1)
 
 
+class EarlyExitDraft(DraftModel):
+    """Self-speculation (``assistant_early_exit=layers``): the model's own first layers, final norm and LM head are
+    the draft, on the model's own cache. What the draft writes there for those layers is what the check writes
+    again (same inputs), and the cache is rewound after each draft, so nothing is duplicated."""
+
+    def __init__(
+        self, model, layers: int, config: GenerationConfig, generator: torch.Generator | None = None
+    ):
+        super().__init__(model, config, 0, generator)
+        self.layers = layers
+
+    def bind(self, cache) -> None:
+        self.cache = cache
+
+    def propose(self, ids: torch.Tensor) -> list[int]:
+        start = self.cache.offset  # the pending token is not in the cache yet
+        with self.model.early_exit(self.layers):
+            guesses = super().propose(ids)
+        self.cache.trim(self.cache.offset - start)
+        return guesses
+
+    def accepted(self, length: int, all_accepted: bool) -> None:
+        if self.adaptive:  # the cache is the model's: nothing to trim here
+            self.k = self.k + 2 if all_accepted else max(1, self.k - 1)
+
+
 def accept(
     target: torch.Tensor, guess: int | None, draft: torch.Tensor | None, generator: torch.Generator | None
 ) -> int:
@@ -173,8 +200,12 @@ def check_speculation(config: GenerationConfig, batch: int, assistant_model) -> 
         raise ValueError(
             f"speculative decoding takes one sequence at a time in this version, got a batch of {batch}"
         )
-    if assistant_model is not None and config.prompt_lookup_num_tokens is not None:
-        raise ValueError("choose one of assistant_model and prompt_lookup_num_tokens, not both")
+    drafters = [assistant_model is not None, config.prompt_lookup_num_tokens is not None]
+    drafters.append(config.assistant_early_exit is not None)
+    if sum(drafters) > 1:
+        raise ValueError(
+            "choose one of assistant_model, prompt_lookup_num_tokens and assistant_early_exit, not several"
+        )
 
 
 def speculative_steps(
@@ -203,6 +234,8 @@ def speculative_steps(
     cache = model.new_cache(1, prompt_length + max_new_tokens + 1)
     not_done = torch.zeros(1, dtype=torch.bool, device=device)
     governor = governor or Governor()
+    if hasattr(proposer, "bind"):
+        proposer.bind(cache)
 
     def choose(logits: torch.Tensor, length: int, guess: int | None, i: int) -> tuple[int, torch.Tensor]:
         """The token after ids[:length] from its raw logits: plain decoding's choice when greedy; when sampling,

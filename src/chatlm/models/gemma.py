@@ -133,7 +133,7 @@ class GemmaForCausalLM(CausalLM):
             # (bf16 turns sqrt(640) = 25.298 into 25.25): the product is taken in the model's dtype.
             self._embed_scale = torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
         x = x * self._embed_scale
-        for layer in self.model.layers:
+        for layer in self.active_layers():
             x = layer(x, cos, sin, masks, cache)
         return self.model.norm(x)
 

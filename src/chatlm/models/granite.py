@@ -33,7 +33,7 @@ class GraniteForCausalLM(LlamaForCausalLM):
 
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids) * self.config.extra.get("embedding_multiplier", 1.0)
-        for layer in self.model.layers:
+        for layer in self.active_layers():
             x = layer(x, cos, sin, masks, cache)
         return self.model.norm(x)
 

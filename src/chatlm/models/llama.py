@@ -108,7 +108,7 @@ class LlamaForCausalLM(CausalLM):
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         plans = self._decode_plans(x, cos, masks, cache)
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.active_layers()):
             if plans is not None and plans[i] is not None:  # the whole layer in one native call
                 plans[i].run(x, cos, sin, cache.keys[i], cache.values[i], cache.offset)
             else:
