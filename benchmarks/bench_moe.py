@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from chatlm.bench import TokenArrivals
 from chatlm.models import model_class
 from chatlm.models.config import ModelConfig
 
@@ -81,19 +82,8 @@ def count(model) -> tuple[int, int]:
     return total, total - idle
 
 
-class _Arrivals:
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def decode_step_s(model, prompt: torch.Tensor, tokens: int) -> float:
-    streamer = _Arrivals()
+    streamer = TokenArrivals()
     model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, streamer=streamer)
     steps = [b - a for a, b in zip(streamer.times[1:], streamer.times[2:])]  # times[0] is the prompt
     return statistics.median(steps)

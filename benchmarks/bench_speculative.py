@@ -16,11 +16,11 @@ acceptance rate is accepted / proposed guesses.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from chatlm import AutoModelForCausalLM, AutoTokenizer, QuantizationConfig
+from chatlm.bench import TokenArrivals
 
 PARAGRAPH = (
     "The river Danube rises in the Black Forest of Germany and flows for about 2,850 kilometres through ten "
@@ -33,19 +33,8 @@ CHATS = {
 }
 
 
-class Arrivals:
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def run(model, ids, new_tokens: int, **options) -> tuple[list[int], float, object]:
-    arrivals = Arrivals()
+    arrivals = TokenArrivals()
     out = model.generate(ids, max_new_tokens=new_tokens, streamer=arrivals, **options)
     reply = out[0, ids.shape[1] :].tolist()
     tps = (len(reply) - 1) / (arrivals.times[-1] - arrivals.times[1]) if len(reply) > 1 else 0.0

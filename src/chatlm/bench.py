@@ -176,7 +176,7 @@ def decode_weight_bytes(model: nn.Module) -> int:
 
 
 # --- timing --------------------------------------------------------------------------------------------------
-class _Arrivals:
+class TokenArrivals:
     """A ``generate`` streamer that notes when each ``put`` comes: first the prompt, then one per new token."""
 
     def __init__(self):
@@ -196,7 +196,7 @@ def time_generate(model, prompt_ids: list[int], new_tokens: int, **generate_kwar
         raise ValueError(f"decode timing needs at least 2 new tokens, got {new_tokens}")
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    streamer = _Arrivals()
+    streamer = TokenArrivals()
     start = time.perf_counter()
     out = model.generate(
         ids,
