@@ -104,15 +104,13 @@ def test_refusals(tiny_checkpoints, kwargs, match):
         model.generate(ids, max_new_tokens=4, **kwargs)
 
 
-def test_refuses_batches_padding_and_two_drafters(tiny_checkpoints):
+def test_refuses_what_batches_cannot_do_yet_and_two_drafters(tiny_checkpoints):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
     ids = repetitive_prompt(model.config.vocab_size, seed=5)
-    with pytest.raises(ValueError, match="one sequence at a time"):
-        model.generate(ids.repeat(2, 1), max_new_tokens=4, prompt_lookup_num_tokens=3)
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="without padding"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="greedy prompt lookup only"):
+        model.generate(ids.repeat(2, 1), max_new_tokens=4, assistant_model=model)
+    with pytest.raises(ValueError, match="greedy prompt lookup only"):
+        model.generate(ids.repeat(2, 1), max_new_tokens=4, prompt_lookup_num_tokens=3, do_sample=True)
     with pytest.raises(ValueError, match="not several"):
         model.generate(ids, max_new_tokens=4, prompt_lookup_num_tokens=3, assistant_model=model)
 
@@ -284,3 +282,42 @@ def test_self_speculation_is_plain_greedy(tiny_checkpoints, variant):
     assert got.speculation.accepted == got.speculation.proposed
     with pytest.raises(ValueError, match="early exit needs"):
         model.generate(ids, assistant_early_exit=99, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2_moe"])
+def test_batched_prompt_lookup_is_plain_batched_greedy(tiny_checkpoints, variant):
+    """Rows of different lengths (left padding), each guessing from its own text: the batch comes out as plain
+    batched greedy decoding's, scores included, eos rows padded alike."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[variant])
+    vocab = model.config.vocab_size
+    rows = [repetitive_prompt(vocab, seed)[0] for seed in (10, 11, 12)]
+    rows[1] = rows[1][5:]  # shorter: left-padded
+    width = max(r.shape[0] for r in rows)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r.shape[0] :], mask[i, width - r.shape[0] :] = r, 1
+    options = dict(max_new_tokens=18, output_scores=True, return_dict_in_generate=True, attention_mask=mask)
+    plain = model.generate(ids, eos_token_id=None, **options)
+    got = model.generate(ids, eos_token_id=None, prompt_lookup_num_tokens=4, **options)
+    assert_same(got, plain)
+    assert got.speculation.rounds <= 18
+    eos = int(plain.sequences[1, width + 4])  # row 1 stops early, the others go on
+    plain = model.generate(ids, eos_token_id=eos, **options)
+    got = model.generate(ids, eos_token_id=eos, prompt_lookup_num_tokens=4, **options)
+    assert_same(got, plain)
+
+
+def test_batched_prompt_lookup_on_the_bundled_model(bundled_model):
+    tok = AutoTokenizer.from_pretrained(None)
+    chats = [
+        EDIT_CHAT,
+        [{"role": "user", "content": "Repeat after me: one two three four, one two three four."}],
+    ]
+    batch = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt")
+    plain = bundled_model.generate(**batch, max_new_tokens=40)
+    got = bundled_model.generate(
+        **batch, max_new_tokens=40, prompt_lookup_num_tokens=8, return_dict_in_generate=True
+    )
+    assert got.sequences.tolist() == plain.tolist()
+    assert got.speculation.accepted > 0

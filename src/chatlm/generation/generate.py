@@ -15,6 +15,7 @@ from .speculative import (
     EarlyExitDraft,
     PromptLookup,
     SpeculationStats,
+    batched_lookup_steps,
     check_speculation,
     speculative_steps,
 )
@@ -233,9 +234,8 @@ def generate(
         or config.prompt_lookup_num_tokens is not None
         or config.assistant_early_exit is not None
     ):
-        check_speculation(config, batch, assistant_model)
-        if not bool(attention_mask.all()):
-            raise ValueError("speculative decoding takes a sequence without padding")
+        padded = not bool(attention_mask.all())
+        check_speculation(config, batch, padded, assistant_model)
         speculation = SpeculationStats()
         if config.assistant_early_exit is not None:
             proposer = EarlyExitDraft(model, config.assistant_early_exit, config, generator)
@@ -248,9 +248,14 @@ def generate(
     with torch.inference_mode():
         if speculation is not None:
             stop = stops.hit if stops else None
-            steps = speculative_steps(
-                model, input_ids, config, max_new, proposer, speculation, stop, generator=generator
-            )
+            if batch > 1 or padded:
+                steps = batched_lookup_steps(
+                    model, input_ids, attention_mask, config, max_new, proposer, speculation, stop
+                )
+            else:
+                steps = speculative_steps(
+                    model, input_ids, config, max_new, proposer, speculation, stop, generator=generator
+                )
         else:
             steps = generate_steps(
                 model, input_ids, attention_mask, config, max_new, generator, stops.hit if stops else None

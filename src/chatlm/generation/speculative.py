@@ -195,10 +195,12 @@ def accept(
     return int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
 
 
-def check_speculation(config: GenerationConfig, batch: int, assistant_model) -> None:
-    if batch != 1:
+def check_speculation(config: GenerationConfig, batch: int, padded: bool, assistant_model) -> None:
+    lookup_only = assistant_model is None and config.assistant_early_exit is None
+    if (batch != 1 or padded) and not (lookup_only and not config.do_sample):
         raise ValueError(
-            f"speculative decoding takes one sequence at a time in this version, got a batch of {batch}"
+            "speculative decoding of a batch (or of padded input) works with greedy prompt lookup only in this "
+            f"version; got a batch of {batch}" + (" with padding" if padded else "")
         )
     drafters = [assistant_model is not None, config.prompt_lookup_num_tokens is not None]
     drafters.append(config.assistant_early_exit is not None)
@@ -280,3 +282,103 @@ def speculative_steps(
         cache.trim(len(guesses) - taken)  # the rejected guesses: the cache ends before the pending token
         proposer.accepted(length - 1, bool(guesses) and taken == len(guesses))
         governor.record(bool(guesses), time.perf_counter() - started, taken + 1)
+
+
+def batched_lookup_steps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+    max_new_tokens: int,
+    lookup: PromptLookup,
+    stats: SpeculationStats,
+    stop_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    governor: Governor | None = None,
+) -> Iterator:
+    """Greedy speculative decoding of a batch (left padding allowed) with prompt-lookup guesses per row.
+
+    Each round feeds every row its pending token and its guesses (padded to the longest), and settles the same
+    number of tokens in every unfinished row: the fewest that any of them had right, plus one. Rows stay aligned,
+    share one cache offset and come out column by column as plain batched decoding's do, each token the model's
+    greedy choice after its row's exact prefix; a row that was right further than the others is checked again from
+    there next round."""
+    from .generate import Step
+
+    batch, prompt_length = input_ids.shape
+    device = input_ids.device
+    eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=device)
+    pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
+    min_new = config.min_new_tokens or max(0, (config.min_length or 0) - prompt_length)
+    processors = make_processors(config)
+    total = prompt_length + max_new_tokens + lookup.num_tokens + 1
+    ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
+    ids[:, :prompt_length] = input_ids
+    mask = torch.ones(batch, total, dtype=torch.long, device=device)
+    mask[:, :prompt_length] = attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # of every slot, future ones included
+    padded = not bool(attention_mask.all())
+    cache = model.new_cache(batch, total)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    governor = governor or Governor()
+
+    def choose(row: int, logits: torch.Tensor, context: torch.Tensor) -> tuple[int, torch.Tensor]:
+        scores = logits.float()[None]
+        for process in processors:
+            scores = process(context[None], scores)
+        if context.shape[0] - prompt_length < min_new and eos.numel():
+            scores[:, eos] = -float("inf")
+        return int(scores.argmax(-1)), scores[0]
+
+    def forward(start: int, stop: int):
+        return model(
+            ids[:, start:stop],
+            attention_mask=mask[:, :stop] if padded else None,
+            position_ids=positions[:, start:stop],
+            past_key_values=cache,
+        ).logits
+
+    if prompt_length > 1:
+        forward(0, prompt_length - 1)
+    length = prompt_length
+    while True:
+        started = time.perf_counter()
+        budget = max(0, max_new_tokens - (length - prompt_length) - 1)
+        guessing = budget > 0 and governor.should_guess()
+        guesses = [
+            lookup.propose(ids[r, :length])[:budget] if guessing and not done[r] else [] for r in range(batch)
+        ]
+        width = max(len(g) for g in guesses)
+        ids[:, length : length + width] = pad
+        for r, g in enumerate(guesses):
+            ids[r, length : length + len(g)] = torch.tensor(g, dtype=torch.long, device=device)
+        logits = forward(length - 1, length + width)  # (batch, 1 + width, vocab)
+        stats.rounds += 1
+        stats.proposed += sum(len(g) for g in guesses)
+        choices: list[list[tuple[int, torch.Tensor]]] = []
+        for r, g in enumerate(guesses):
+            row = []
+            for i in range(len(g) + 1):
+                row.append(choose(r, logits[r, i], ids[r, : length + i]))
+                if i == len(g) or row[-1][0] != g[i] or done[r]:
+                    break
+            choices.append(row)
+        settle = min(len(row) for row, finished in zip(choices, done.tolist()) if not finished)
+        for j in range(settle):
+            picked = [
+                row[j] if j < len(row) else choose(r, logits[r, j], ids[r, : length + j])
+                for r, row in enumerate(choices)
+            ]
+            tokens = torch.tensor([p[0] for p in picked], dtype=torch.long, device=device)
+            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
+            ids[:, length] = tokens
+            length += 1
+            yield Step(tokens, done.clone(), torch.stack([p[1] for p in picked]))
+            if eos.numel():
+                done |= torch.isin(tokens, eos)
+            if stop_check is not None:
+                done |= stop_check(tokens, done)
+            if bool(done.all()) or length - prompt_length >= max_new_tokens:
+                return
+        stats.accepted += (settle - 1) * int((~done).sum())
+        cache.trim(1 + width - settle)  # keep the old pending token and the settled tokens before the new one
+        governor.record(width > 0, time.perf_counter() - started, settle)
