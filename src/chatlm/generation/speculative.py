@@ -20,7 +20,8 @@ Guesses come from a proposer:
 A `Governor` times rounds with and without guesses and stops guessing while guessing costs more per token than
 plain steps (a reply that quotes nothing gives prompt lookup little to accept), trying again later.
 
-This increment decodes one sequence at a time; a batch is refused with a ValueError that says so.
+Batches (and left-padded input) decode with greedy prompt lookup (`batched_lookup_steps`); draft models,
+self-speculation and sampling take one sequence at a time in this version, and refuse a batch with a ValueError.
 """
 
 from __future__ import annotations
