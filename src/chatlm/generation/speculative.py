@@ -3,8 +3,9 @@
 Each round the model is fed the pending token and the guesses, k + 1 tokens at once. Its greedy choice after
 each fed token is computed exactly as plain decoding computes it (logits processors included), guesses are kept
 while they equal those choices, and the first choice that differs (or the one after the last guess) becomes the
-next pending token. The greedy output is plain greedy decoding's, token for token (to float rounding: a forward pass over
-k + 1 tokens sums in another order than k + 1 passes over one); the cache is trimmed back to what was accepted.
+next pending token. The greedy output is plain greedy decoding's, token for token (to float rounding: a forward
+pass over k + 1 tokens sums in another order than k + 1 passes over one); the cache is trimmed back to what was
+accepted.
 
 Sampling (``do_sample=True``) keeps or replaces each guess by the rejection rule of speculative sampling
 (`accept`), so the output is distributed exactly as plain sampling's: the same distribution, not the same draws.
