@@ -374,6 +374,63 @@ void chatlm_decode_attention(const void *q, int64_t q_bstride, const void *k, in
  * input, byte j holding channel j in its low nibble and channel j + 32 in its high one; scale and zero point per
  * (group, channel) in `sz` (k / group, n, 2), bfloat16 or float32, w = (q - 8) * scale + zero. x and y are float32
  * (torch's kernel rounds x to bfloat16). Returns 0 without AVX-512 (the caller uses torch's kernel). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* One block of 64 output channels for `rows` (1 or 2) rows of x at once: each input's 64 weights are unpacked to
+ * floats once and used for every row, so checking a few tokens (speculative decoding) costs little more than one. */
+static inline __attribute__((always_inline)) void q4_block_rows(const float *x, int64_t k, const uint8_t *wb,
+                                                                const void *sz, int sz_f32, int64_t group,
+                                                                int64_t n, int64_t blk, const float *xsum,
+                                                                int64_t groups, const int rows, float *y) {
+    const __m256i low = _mm256_set1_epi8(15);
+    __m512 acc[2][4];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 part[2][4];
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < 4; c++) part[r][c] = _mm512_setzero_ps();
+        for (int64_t i = g * group; i < (g + 1) * group; i++) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb + i * 32));
+            const __m256i lo = _mm256_and_si256(bytes, low);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            const __m512 w[4] = {
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))),
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))),
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))),
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))),
+            };
+            for (int r = 0; r < rows; r++) {
+                const __m512 xv = _mm512_set1_ps(x[r * k + i]);
+                for (int c = 0; c < 4; c++) part[r][c] = _mm512_fmadd_ps(w[c], xv, part[r][c]);
+            }
+        }
+        for (int c = 0; c < 4; c++) {
+            const int64_t at = (g * n + blk * 64 + c * 16) * 2; /* 16 (scale, zero) pairs */
+            __m512 s, z;
+            if (sz_f32) {
+                const float *p = (const float *)sz + at;
+                const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+                const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+                s = _mm512_permutex2var_ps(a, even, b);
+                z = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
+            } else {
+                const __m512i pairs = _mm512_loadu_si512((const void *)((const uint16_t *)sz + at));
+                s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+                z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xffff0000u)));
+            }
+            /* sum over the group of ((q - 8) s + z) x = s (q . x) + (z - 8 s) sum(x) */
+            const __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);
+            for (int r = 0; r < rows; r++) {
+                acc[r][c] = _mm512_fmadd_ps(s, part[r][c], acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(shift, _mm512_set1_ps(xsum[r * groups + g]), acc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(y + r * n + blk * 64 + c * 16, acc[r][c]);
+}
+#endif
+
 int chatlm_q4_torch_layout_matmul(const float *x, int64_t m, int64_t k, const uint8_t *packed, const void *sz,
                                   int sz_f32, int64_t group, int64_t n, float *y) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -384,53 +441,14 @@ int chatlm_q4_torch_layout_matmul(const float *x, int64_t m, int64_t k, const ui
         for (int64_t j = 0; j < group; j++) s += x[i * group + j];
         xsum[i] = s;
     }
-    const __m256i low = _mm256_set1_epi8(15);
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const uint8_t *wb = packed + blk * k * 32;
-        for (int64_t t = 0; t < m; t++) { /* the block's weights stay in cache across the rows of x */
-            const float *xt = x + t * k;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int64_t g = 0; g < groups; g++) {
-                __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                                  _mm512_setzero_ps()};
-                for (int64_t i = g * group; i < (g + 1) * group; i++) {
-                    const __m512 xv = _mm512_set1_ps(xt[i]);
-                    const __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb + i * 32));
-                    const __m256i lo = _mm256_and_si256(bytes, low);
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-                    part[0] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))), xv, part[0]);
-                    part[1] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))), xv, part[1]);
-                    part[2] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), xv, part[2]);
-                    part[3] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), xv, part[3]);
-                }
-                const __m512 xs = _mm512_set1_ps(xsum[t * groups + g]);
-                for (int c = 0; c < 4; c++) {
-                    const int64_t at = (g * n + blk * 64 + c * 16) * 2; /* 16 (scale, zero) pairs */
-                    __m512 s, z;
-                    if (sz_f32) {
-                        const float *p = (const float *)sz + at;
-                        const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
-                        const __m512i even =
-                            _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-                        s = _mm512_permutex2var_ps(a, even, b);
-                        z = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
-                    } else {
-                        const __m512i pairs = _mm512_loadu_si512((const void *)((const uint16_t *)sz + at));
-                        s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-                        z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xffff0000u)));
-                    }
-                    /* sum over the group of ((q - 8) s + z) x = s (q . x) + (z - 8 s) sum(x) */
-                    acc[c] = _mm512_fmadd_ps(s, part[c], acc[c]);
-                    acc[c] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z), xs, acc[c]);
-                }
-            }
-            for (int c = 0; c < 4; c++) _mm512_storeu_ps(y + t * n + blk * 64 + c * 16, acc[c]);
-        }
+        int64_t t = 0;
+        for (; t + 2 <= m; t += 2)
+            q4_block_rows(x + t * k, k, wb, sz, sz_f32, group, n, blk, xsum + t * groups, groups, 2, y + t * n);
+        if (t < m)
+            q4_block_rows(x + t * k, k, wb, sz, sz_f32, group, n, blk, xsum + t * groups, groups, 1, y + t * n);
     }
     free(xsum);
     return 1;
