@@ -97,6 +97,20 @@ def _record(load_s, ttft, prefill_tps, decode_tps, rss_mib, weights, bandwidth, 
     }
 
 
+def _peer_start(args) -> tuple[float, list[int], Path, float, float]:
+    """What a peer's worker measures before it loads the bundled GGUF: the bandwidth, the prompt ids, the file, the
+    RSS baseline (high-water mark reset) and the load's start time."""
+    from chatlm.bench import current_rss_mib, reset_peak_rss
+    from chatlm.info import memory_bandwidth
+    from chatlm.loading.resolve import bundled_model_path
+
+    bandwidth = memory_bandwidth("cpu")
+    prompt = _common_prompt(args.prompt_tokens)
+    path = bundled_model_path()
+    reset_peak_rss()
+    return bandwidth, prompt, path, current_rss_mib(), time.perf_counter()
+
+
 def _common_prompt(length: int) -> list[int]:
     from chatlm.bench import prompt_from_text
     from chatlm.tokenizer import AutoTokenizer
@@ -135,21 +149,13 @@ def worker_transformers(args) -> dict:
         current_rss_mib,
         decode_weight_bytes,
         peak_rss_mib,
-        reset_peak_rss,
         time_generate,
     )
-    from chatlm.info import memory_bandwidth
-    from chatlm.loading.resolve import bundled_model_path
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    bandwidth = memory_bandwidth("cpu")
-    prompt = _common_prompt(args.prompt_tokens)
-    path = bundled_model_path()
-    reset_peak_rss()
-    baseline = current_rss_mib()
-    start = time.perf_counter()
+    bandwidth, prompt, path, baseline, start = _peer_start(args)
     dtype = getattr(torch, args.dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=dtype
@@ -197,19 +203,12 @@ def _gguf_bytes_per_token(path: Path) -> int:
 
 
 def worker_llama_cpp(args) -> dict:
-    """llama.cpp via llama-cpp-python (written against its documented API; not run where it is not installed)."""
+    """llama.cpp via llama-cpp-python (only where it is installed; it is no dependency of chatlm)."""
     import llama_cpp
 
-    from chatlm.bench import current_rss_mib, peak_rss_mib, reset_peak_rss
-    from chatlm.info import memory_bandwidth
-    from chatlm.loading.resolve import bundled_model_path
+    from chatlm.bench import current_rss_mib, peak_rss_mib
 
-    bandwidth = memory_bandwidth("cpu")
-    prompt = _common_prompt(args.prompt_tokens)
-    path = bundled_model_path()
-    reset_peak_rss()
-    baseline = current_rss_mib()
-    start = time.perf_counter()
+    bandwidth, prompt, path, baseline, start = _peer_start(args)
     llm = llama_cpp.Llama(
         model_path=str(path),
         n_ctx=args.prompt_tokens + args.new_tokens + 16,
