@@ -23,6 +23,12 @@ processes only ever add time: the least disturbed round is the closest to the ma
 median round. Prefill (one forward over ``--prefill-tokens``, the fastest of 3 per round, the best round) is
 shown too: there every expert has tokens, so the MoE reads all its weights, but its compute follows the active
 parameters.
+
+``--check-tokens 1 4 8 16`` also times what speculative decoding pays to check guesses: one forward of T tokens
+onto a cached prompt (the fastest of 5 per round, the best round), as a multiple of one token's step. A dense
+model reads its weights once for all T tokens, so the multiple stays near 1 while the step is bound by memory;
+an MoE's T tokens pick different experts, so it reads more of them the more tokens it checks. A round of k
+guesses wins only if the tokens it settles (accepted + 1) outnumber that multiple at T = k + 1.
 """
 
 from __future__ import annotations
@@ -98,6 +104,20 @@ def prefill_s(model, prompt: torch.Tensor) -> float:
     return best
 
 
+def check_s(model, prompt: torch.Tensor, tokens: int, g: torch.Generator) -> float:
+    """The fastest of 5 forwards of ``tokens`` new tokens onto the cached prompt (the cache rolled back after)."""
+    cache = model.new_cache(1, prompt.shape[1] + tokens)
+    model(prompt, past_key_values=cache, logits_to_keep=1)
+    best = float("inf")
+    for _ in range(5):
+        fed = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
+        t0 = time.perf_counter()
+        model(fed, past_key_values=cache)
+        best = min(best, time.perf_counter() - t0)
+        cache.trim(tokens)
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="16 decode tokens, 2 rounds")
@@ -112,6 +132,14 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="T",
+        help="also time checking T tokens at once (speculative decoding's verify step)",
+    )
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.quick:
@@ -133,11 +161,15 @@ def main(argv=None) -> int:
             model(long, logits_to_keep=1)
         decode: dict[str, list[float]] = {name: [] for name in models}
         prefill: dict[str, list[float]] = {name: [] for name in models}
+        checks = [1] + [t for t in args.check_tokens if t != 1] if args.check_tokens else []
+        check: dict[tuple[str, int], list[float]] = {(n, t): [] for n in models for t in checks}
         for r in range(args.rounds):
             order = list(models) if r % 2 == 0 else list(models)[::-1]
             for name in order:
                 decode[name].append(decode_step_s(models[name], short, args.decode_tokens))
                 prefill[name].append(prefill_s(models[name], long))
+                for t in checks:
+                    check[name, t].append(check_s(models[name], long, t, g))
                 print(
                     f"round {r + 1}/{args.rounds} {name:12s} decode {1 / decode[name][-1]:6.1f} tok/s",
                     file=sys.stderr,
@@ -175,6 +207,15 @@ def main(argv=None) -> int:
         print(
             f"{label}: moe decode time / dense-active {moe / dense_active:.2f}x, / dense-total {moe / dense_total:.2f}x"
         )
+    if checks:
+        print(
+            "\nchecking T tokens in one forward (speculative decoding's verify), as a multiple of one token's:"
+        )
+        print(f"{'model':12s} | " + " | ".join(f"T={t:<3d}" for t in checks))
+        for name in models:
+            one = min(check[name, 1])
+            results[name]["check_s"] = {t: min(check[name, t]) for t in checks}
+            print(f"{name:12s} | " + " | ".join(f"{min(check[name, t]) / one:5.2f}" for t in checks))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0

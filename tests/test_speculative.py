@@ -83,9 +83,9 @@ def test_stops_as_plain_greedy_does(tiny_checkpoints):
 def test_prompt_lookup_candidates():
     lookup = PromptLookup(num_tokens=3, max_ngram=2)
     ids = torch.tensor([5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6])
-    assert lookup.propose(ids) == [1, 2, 5]  # the latest earlier "5 6" is followed by 1 2 5
-    assert lookup.propose(torch.tensor([1, 2, 3, 4])) == []  # no earlier n-gram: no guess
-    assert PromptLookup(2, 2).propose(torch.tensor([4, 1, 9, 3, 1])) == [9, 3]  # falls back to a 1-gram
+    assert lookup.lookup(ids) == [1, 2, 5]  # the latest earlier "5 6" is followed by 1 2 5
+    assert lookup.lookup(torch.tensor([1, 2, 3, 4])) == []  # no earlier n-gram: no guess
+    assert PromptLookup(2, 2).lookup(torch.tensor([4, 1, 9, 3, 1])) == [9, 3]  # falls back to a 1-gram
 
 
 @pytest.mark.parametrize(
@@ -104,13 +104,9 @@ def test_refusals(tiny_checkpoints, kwargs, match):
         model.generate(ids, max_new_tokens=4, **kwargs)
 
 
-def test_refuses_what_batches_cannot_do_yet_and_two_drafters(tiny_checkpoints):
+def test_refuses_two_drafters(tiny_checkpoints):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
     ids = repetitive_prompt(model.config.vocab_size, seed=5)
-    with pytest.raises(ValueError, match="greedy prompt lookup only"):
-        model.generate(ids.repeat(2, 1), max_new_tokens=4, assistant_model=model)
-    with pytest.raises(ValueError, match="greedy prompt lookup only"):
-        model.generate(ids.repeat(2, 1), max_new_tokens=4, prompt_lookup_num_tokens=3, do_sample=True)
     with pytest.raises(ValueError, match="not several"):
         model.generate(ids, max_new_tokens=4, prompt_lookup_num_tokens=3, assistant_model=model)
 
@@ -175,7 +171,7 @@ def test_speculation_with_a_losing_governor_is_still_plain_greedy(tiny_checkpoin
     config = model.generation_config.update(eos_token_id=None)
     with torch.inference_mode():
         steps = list(
-            speculative_steps(model, ids, config, 20, PromptLookup(4), stats, governor=AlwaysLoses(8))
+            speculative_steps(model, ids, None, config, 20, PromptLookup(4), stats, governor=AlwaysLoses(8))
         )
     assert [int(s.tokens[0]) for s in steps] == plain[0, ids.shape[1] :].tolist()
     assert stats.rounds > 20 - stats.accepted - 1 and stats.proposed <= 3 * 4  # few rounds guessed at all
@@ -222,7 +218,7 @@ def two_token_distribution(model, ids: torch.Tensor, temperature: float) -> torc
 
 
 def test_speculative_sampling_draws_from_the_models_distribution(tmp_path):
-    """Many two-token samples through prompt lookup and through a draft model, against the chat model's own
+    """Many two-token samples (rows of batches) through prompt lookup and through a draft model, against the chat model's own
     distribution of the next two tokens (a chi-square test; the same test rejects the draft's distribution).
     Every round guesses (no governor pauses), so both tokens come out of the rejection rule's round."""
     from chatlm.generation.speculative import (
@@ -243,6 +239,8 @@ def test_speculative_sampling_draws_from_the_models_distribution(tmp_path):
         write_checkpoint(tmp_path / "d", "llama", seed=5, vocab_size=vocab)
     )
     ids = torch.tensor([[3, 4, 5, 6, 3, 4, 5, 6, 3, 4]])
+    batch = 50
+    rows = ids.repeat(batch, 1)
     truth = two_token_distribution(model, ids, temperature)
     config = model.generation_config.update(
         do_sample=True, temperature=temperature, top_k=0, eos_token_id=None
@@ -252,13 +250,13 @@ def test_speculative_sampling_draws_from_the_models_distribution(tmp_path):
         counts = torch.zeros(vocab * vocab, dtype=torch.float64)
         stats = SpeculationStats()
         with torch.inference_mode():
-            for _ in range(samples):
-                proposer = PromptLookup(2) if name == "lookup" else DraftModel(draft, config, 16, generator)
+            for _ in range(samples // batch):  # rows of a batch are independent samples
+                proposer = PromptLookup(2) if name == "lookup" else DraftModel(draft, config, generator)
                 steps = speculative_steps(
-                    model, ids, config, 2, proposer, stats, governor=AlwaysGuess(), generator=generator
+                    model, rows, None, config, 2, proposer, stats, governor=AlwaysGuess(), generator=generator
                 )
-                t1, t2 = (int(step.tokens[0]) for step in steps)
-                counts[t1 * vocab + t2] += 1
+                t1, t2 = (step.tokens for step in steps)
+                counts.index_add_(0, t1 * vocab + t2, torch.ones(batch, dtype=torch.float64))
         assert stats.proposed == samples and 0 < stats.accepted < stats.proposed, (
             name
         )  # kept and rejected guesses
@@ -284,28 +282,136 @@ def test_self_speculation_is_plain_greedy(tiny_checkpoints, variant):
         model.generate(ids, assistant_early_exit=99, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2_moe"])
-def test_batched_prompt_lookup_is_plain_batched_greedy(tiny_checkpoints, variant):
-    """Rows of different lengths (left padding), each guessing from its own text: the batch comes out as plain
-    batched greedy decoding's, scores included, eos rows padded alike."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[variant])
-    vocab = model.config.vocab_size
+def ragged_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three repetitive prompts of different lengths, left-padded."""
     rows = [repetitive_prompt(vocab, seed)[0] for seed in (10, 11, 12)]
-    rows[1] = rows[1][5:]  # shorter: left-padded
+    rows[1] = rows[1][5:]
+    rows[2] = torch.cat([rows[2], rows[2][:9]])  # repeats itself more: its guesses are right more often
     width = max(r.shape[0] for r in rows)
     ids = torch.zeros(3, width, dtype=torch.long)
     mask = torch.zeros(3, width, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - r.shape[0] :], mask[i, width - r.shape[0] :] = r, 1
+    return ids, mask
+
+
+def assert_same_batch(got, expected, prompt_length: int, eos: int | None):
+    """The same sequences, and the same scores for every row that is not done yet (a done row's scores are
+    whatever plain decoding computed on its padding)."""
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    done = torch.zeros(got.sequences.shape[0], dtype=torch.bool)
+    for column, (a, b) in enumerate(zip(got.scores, expected.scores)):
+        torch.testing.assert_close(a[~done], b[~done], atol=1e-4, rtol=1e-4)
+        if eos is not None:
+            done |= got.sequences[:, prompt_length + column] == eos
+
+
+PROPOSERS = {
+    "lookup": dict(prompt_lookup_num_tokens=4),
+    "early exit": dict(assistant_early_exit=1, num_assistant_tokens=3),
+    "draft": dict(num_assistant_tokens=3),  # the assistant model is added in the test
+}
+
+
+@pytest.mark.parametrize("proposer", list(PROPOSERS))
+@pytest.mark.parametrize("variant", ["llama", "mistral", "gemma3_text", "qwen2_moe"])
+def test_batched_speculation_is_plain_batched_greedy(tmp_path, tiny_checkpoints, variant, proposer):
+    """Rows of different lengths (left padding), each keeping all of its own accepted guesses: the batch comes
+    out as plain batched greedy decoding's, scores included, eos rows padded alike."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[variant])
+    ids, mask = ragged_batch(model.config.vocab_size)
     options = dict(max_new_tokens=18, output_scores=True, return_dict_in_generate=True, attention_mask=mask)
+    speculate = dict(PROPOSERS[proposer])
+    if proposer == "draft":  # another random model, with its own cache rows
+        speculate["assistant_model"] = AutoModelForCausalLM.from_pretrained(
+            write_checkpoint(tmp_path / "draft", variant, seed=7)
+        )
     plain = model.generate(ids, eos_token_id=None, **options)
-    got = model.generate(ids, eos_token_id=None, prompt_lookup_num_tokens=4, **options)
-    assert_same(got, plain)
-    assert got.speculation.rounds <= 18
-    eos = int(plain.sequences[1, width + 4])  # row 1 stops early, the others go on
+    got = model.generate(ids, eos_token_id=None, **options, **speculate)
+    assert_same_batch(got, plain, ids.shape[1], None)
+    assert got.speculation.proposed > 0 or proposer == "lookup"  # a random model may never repeat itself
+    eos = int(plain.sequences[1, ids.shape[1] + 4])  # row 1 stops early, the others go on
     plain = model.generate(ids, eos_token_id=eos, **options)
-    got = model.generate(ids, eos_token_id=eos, prompt_lookup_num_tokens=4, **options)
-    assert_same(got, plain)
+    got = model.generate(ids, eos_token_id=eos, **options, **speculate)
+    assert_same_batch(got, plain, ids.shape[1], eos)
+
+
+def test_batch_rows_keep_their_own_accepted_guesses(tiny_checkpoints):
+    """Row 0 is always guessed right, rows 1 and 2 always wrong: row 0 keeps every guess (3 a round, done in 5
+    rounds) while the others settle one token a round; nobody is held back to the least lucky row."""
+    from chatlm.generation.speculative import Governor, SpeculationStats, speculative_steps
+
+    class AlwaysGuess(Governor):
+        def should_guess(self) -> bool:
+            return True
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    ids, mask = ragged_batch(model.config.vocab_size)
+    plain = model.generate(ids, max_new_tokens=20, eos_token_id=None, attention_mask=mask)
+    replies = plain[:, ids.shape[1] :]
+    prompt_lengths = mask.sum(-1)
+
+    class Oracle:  # guesses the plain reply's next tokens for row 0, wrong ones for the others
+        distributions: dict = {}
+
+        def start(self, main):
+            pass
+
+        def propose(self, seqs, limits, eos_banned):
+            guesses = {}
+            for row, seq in seqs.items():
+                at = seq.shape[0] - int(prompt_lengths[row])  # reply tokens so far, the pending one included
+                right = replies[row, at : at + min(3, limits[row])].tolist()
+                guesses[row] = right if row == 0 else [(t + 1) % model.config.vocab_size for t in right]
+            return guesses
+
+        def settled(self, lengths, all_accepted):
+            pass
+
+    stats = SpeculationStats()
+    config = model.generation_config.update(eos_token_id=None)
+    with torch.inference_mode():
+        steps = speculative_steps(model, ids, mask, config, 20, Oracle(), stats, governor=AlwaysGuess())
+        got = torch.stack([step.tokens for step in steps], dim=1)
+    assert got.tolist() == replies.tolist()
+    assert stats.accepted == 15 and stats.rounds == 20  # row 0: 5 rounds of 3 kept guesses and one more token
+
+
+@pytest.mark.parametrize("variant", ["mistral", "gemma3_text"])
+def test_ragged_cache_rows_read_their_own_tokens(tiny_checkpoints, variant, monkeypatch):
+    """Rows fed different numbers of tokens, cut back at random, compacted: each real token's logits are those of
+    the row's own sequence run alone without a cache (sliding windows count tokens, not slots)."""
+    from chatlm.generation import ragged_cache
+    from chatlm.generation.ragged_cache import RaggedCache
+
+    monkeypatch.setattr(ragged_cache, "COMPACT_MIN_SLOTS", 4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[variant])
+    g = torch.Generator().manual_seed(0)
+    batch, vocab = 3, model.config.vocab_size
+    cache = RaggedCache(model, batch, 4)
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    compactions = 0
+    with torch.inference_mode():
+        for _ in range(14):
+            counts = torch.randint(0, 5, (batch,), generator=g)
+            counts[0] = max(1, int(counts[0]))
+            width = int(counts.max())
+            tokens = torch.randint(3, vocab, (batch, width), generator=g)
+            real = torch.arange(width)[None] < counts[:, None]
+            logits = cache.forward(tokens, real)
+            for r in range(batch):
+                rows[r] += tokens[r, : counts[r]].tolist()
+                if counts[r]:
+                    alone = model(torch.tensor([rows[r]])).logits[0, -int(counts[r]) :]
+                    torch.testing.assert_close(logits[r, : counts[r]], alone, atol=1e-4, rtol=1e-4)
+            keep = torch.tensor([len(row) - int(torch.randint(0, 3, (), generator=g)) for row in rows])
+            keep = keep.clamp(min=1)
+            offset = cache.offset
+            cache.truncate(keep)
+            compactions += cache.offset < offset - int(counts.max())
+            rows = [row[: int(k)] for row, k in zip(rows, keep)]
+            assert cache.lengths.tolist() == [len(row) for row in rows]
+    assert compactions > 0
 
 
 def test_batched_prompt_lookup_on_the_bundled_model(bundled_model):
@@ -314,6 +420,10 @@ def test_batched_prompt_lookup_on_the_bundled_model(bundled_model):
         EDIT_CHAT,
         [{"role": "user", "content": "Repeat after me: one two three four, one two three four."}],
     ]
+    batch = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="left padding"):  # the tokenizer pads on the right by default
+        bundled_model.generate(**batch, max_new_tokens=4, prompt_lookup_num_tokens=8)
+    tok.padding_side = "left"
     batch = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt")
     plain = bundled_model.generate(**batch, max_new_tokens=40)
     got = bundled_model.generate(

@@ -70,11 +70,6 @@ class TextGenerationPipeline:
             kwargs = {**{k: v for k, v in NEUTRAL_SAMPLING.items() if k not in kwargs}, **kwargs}
         config = self.generation_config.update(**kwargs)
         batch_size = options.get("batch_size") or self.batch_size
-        drafted = (
-            options.get("assistant_model", self.assistant_model) is not None or config.assistant_early_exit
-        )
-        if drafted or (config.prompt_lookup_num_tokens and config.do_sample):
-            batch_size = 1  # these kinds of speculative decoding take one sequence at a time
         results = []
         for start in range(0, len(items), batch_size):
             results.extend(self._run(items[start : start + batch_size], config, options))

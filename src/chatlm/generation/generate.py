@@ -15,7 +15,6 @@ from .speculative import (
     EarlyExitDraft,
     PromptLookup,
     SpeculationStats,
-    batched_lookup_steps,
     check_speculation,
     speculative_steps,
 )
@@ -224,6 +223,14 @@ def generate(
             stacklevel=3,
         )
         max_new = context - longest
+    right_padded = not bool(attention_mask[:, -1].all())
+    if right_padded:
+        warnings.warn(
+            "right padding detected: a decoder-only model continues from the last column, so set "
+            "padding_side='left' on the tokenizer for correct batched generation",
+            UserWarning,
+            stacklevel=3,
+        )
     if streamer is not None:
         streamer.put(input_ids.cpu())
     stops = _StopStrings(config.stop_strings, tokenizer, batch) if config.stop_strings else None
@@ -234,28 +241,28 @@ def generate(
         or config.prompt_lookup_num_tokens is not None
         or config.assistant_early_exit is not None
     ):
-        padded = not bool(attention_mask.all())
-        check_speculation(config, batch, padded, assistant_model)
+        check_speculation(config, assistant_model, right_padded)
         speculation = SpeculationStats()
         if config.assistant_early_exit is not None:
             proposer = EarlyExitDraft(model, config.assistant_early_exit, config, generator)
         elif assistant_model is not None:
-            capacity = prompt_length + max_new + config.num_assistant_tokens
-            proposer = DraftModel(assistant_model, config, capacity, generator)
+            proposer = DraftModel(assistant_model, config, generator)
         else:
             proposer = PromptLookup(config.prompt_lookup_num_tokens, config.max_matching_ngram_size or 2)
         model.last_speculation = speculation
     with torch.inference_mode():
         if speculation is not None:
-            stop = stops.hit if stops else None
-            if batch > 1 or padded:
-                steps = batched_lookup_steps(
-                    model, input_ids, attention_mask, config, max_new, proposer, speculation, stop
-                )
-            else:
-                steps = speculative_steps(
-                    model, input_ids, config, max_new, proposer, speculation, stop, generator=generator
-                )
+            steps = speculative_steps(
+                model,
+                input_ids,
+                attention_mask,
+                config,
+                max_new,
+                proposer,
+                speculation,
+                stops.hit if stops else None,
+                generator=generator,
+            )
         else:
             steps = generate_steps(
                 model, input_ids, attention_mask, config, max_new, generator, stops.hit if stops else None

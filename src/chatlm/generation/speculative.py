@@ -21,19 +21,23 @@ Guesses come from a proposer:
 A `Governor` times rounds with and without guesses and stops guessing while guessing costs more per token than
 plain steps (a reply that quotes nothing gives prompt lookup little to accept), trying again later.
 
-Batches (and left-padded input) decode with greedy prompt lookup (`batched_lookup_steps`); draft models,
-self-speculation and sampling take one sequence at a time in this version, and refuse a batch with a ValueError.
+Batches (left padding allowed) speculate with every proposer, greedy or sampling: each row guesses, and keeps,
+its own number of tokens a round. Its cache rows advance unevenly (`RaggedCache`: rejected slots are masked, not
+moved), and a row that got ahead holds its tokens back until every unfinished row has one for that column, so
+the steps still come out column by column as plain batched decoding's.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .config import GenerationConfig
+from .ragged_cache import RaggedCache
 from .sampling import make_processors
 
 
@@ -86,10 +90,15 @@ class PromptLookup:
     """Guesses ``num_tokens`` tokens: those that followed the latest earlier occurrence of the last n-gram of the
     sequence, trying n = ``max_ngram`` down to 1."""
 
+    distributions: dict[int, list[torch.Tensor]] = {}  # guesses are certain: no draft distribution
+
     def __init__(self, num_tokens: int, max_ngram: int = 2):
         self.num_tokens, self.max_ngram = num_tokens, max_ngram
 
-    def propose(self, ids: torch.Tensor) -> list[int]:
+    def start(self, main: RaggedCache) -> None:
+        pass
+
+    def lookup(self, ids: torch.Tensor) -> list[int]:
         """ids: (length,) the sequence so far, its last token the pending one."""
         length = ids.shape[0]
         for n in range(min(self.max_ngram, length - 1), 0, -1):
@@ -101,50 +110,84 @@ class PromptLookup:
                     return follow.tolist()
         return []
 
-    def accepted(self, length: int, all_accepted: bool) -> None:
+    def propose(
+        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], eos_banned: dict[int, int]
+    ) -> dict[int, list[int]]:
+        return {row: self.lookup(seq)[: limits[row]] for row, seq in seqs.items()}
+
+    def settled(self, lengths: dict[int, int], all_accepted: bool) -> None:
         pass
 
 
 class DraftModel:
-    """Guesses by decoding with a smaller model that shares the tokenizer, in a cache of its own."""
+    """Guesses by decoding with a smaller model that shares the tokenizer, in a cache of its own (one row per row
+    of the batch), through the chat model's own logits processors: the guesses it would make."""
 
-    def __init__(
-        self, model, config: GenerationConfig, capacity: int, generator: torch.Generator | None = None
-    ):
+    def __init__(self, model, config: GenerationConfig, generator: torch.Generator | None = None):
         self.model = model
         self.k = config.num_assistant_tokens
         self.adaptive = config.num_assistant_tokens_schedule == "heuristic"
-        self.cache = model.new_cache(1, capacity) if capacity else None
         self.sampling, self.generator = config.do_sample, generator
         self.processors = make_processors(config)
-        self.distributions: list[
-            torch.Tensor
-        ] = []  # when sampling: the distribution each guess was drawn from
+        self.eos = list(config.eos_token_ids)
+        self.cache: RaggedCache | None = None
+        self.distributions: dict[int, list[torch.Tensor]] = {}  # when sampling: each guess's distribution
 
-    def propose(self, ids: torch.Tensor) -> list[int]:
-        guesses: list[int] = []
-        self.distributions = []
-        fed = ids[self.cache.offset :][None]  # what the draft's cache lacks, up to the pending token
-        seen = ids
-        for _ in range(self.k):
-            scores = self.model(fed, past_key_values=self.cache, logits_to_keep=1).logits[:, -1].float()
-            for process in self.processors:  # the chat model's own processing: guesses it would make
-                scores = process(seen[None], scores)
-            if self.sampling:
-                probs = scores.softmax(-1)[0]
-                token = int(torch.multinomial(probs, 1, generator=self.generator))
-                self.distributions.append(probs)
-            else:
-                token = int(scores.argmax())
-            guesses.append(token)
-            fed = torch.tensor([[token]], device=ids.device)
-            seen = torch.cat([seen, fed[0]])
+    def start(self, main: RaggedCache) -> None:
+        self.cache = RaggedCache(self.model, main.cache.batch_size, main.cache.capacity)
+
+    def propose(
+        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], eos_banned: dict[int, int]
+    ) -> dict[int, list[int]]:
+        """seqs: each guessing row's real tokens so far (no padding), the last one pending (not in any cache)."""
+        cache = self.cache
+        batch = cache.cache.batch_size
+        lacking = {
+            row: seq[int(cache.lengths[row]) :] for row, seq in seqs.items()
+        }  # up to the pending token
+        width = max(t.shape[0] for t in lacking.values())
+        fed = torch.zeros(batch, width, dtype=torch.long, device=cache.lengths.device)
+        real = torch.zeros(batch, width, dtype=torch.bool, device=fed.device)
+        for row, tokens in lacking.items():
+            fed[row, : tokens.shape[0]], real[row, : tokens.shape[0]] = tokens, True
+        last = {row: t.shape[0] - 1 for row, t in lacking.items()}
+        guesses: dict[int, list[int]] = {row: [] for row in seqs}
+        self.distributions = {row: [] for row in seqs}
+        seen = dict(seqs)
+        for step in range(min(self.k, max(limits.values()))):
+            logits = cache.forward(fed, real)
+            fed = torch.zeros(batch, 1, dtype=torch.long, device=fed.device)
+            real = torch.zeros(batch, 1, dtype=torch.bool, device=fed.device)
+            for row in seqs:
+                if step >= limits[row]:
+                    continue
+                scores = logits[row, last[row]].float()[None]
+                for process in self.processors:
+                    scores = process(seen[row][None], scores)
+                if step < eos_banned[row] and self.eos:
+                    scores[:, self.eos] = -float("inf")
+                if self.sampling:
+                    probs = scores.softmax(-1)[0]
+                    token = int(torch.multinomial(probs, 1, generator=self.generator))
+                    self.distributions[row].append(probs)
+                else:
+                    token = int(scores.argmax())
+                guesses[row].append(token)
+                fed[row, 0], real[row, 0] = token, True
+                seen[row] = torch.cat([seen[row], fed[row]])
+            last = dict.fromkeys(seqs, 0)
         return guesses
 
-    def accepted(self, length: int, all_accepted: bool) -> None:
-        """``length`` tokens of the sequence are settled: forget any cached beyond them."""
-        self.cache.trim(max(0, self.cache.offset - length))
-        if self.adaptive:
+    def settled(self, lengths: dict[int, int], all_accepted: bool) -> None:
+        """Each row's sequence now has ``lengths[row]`` settled tokens, the last pending: forget guesses beyond."""
+        keep = self.cache.lengths.clone()
+        for row, length in lengths.items():
+            keep[row] = min(int(keep[row]), length - 1)
+        self.cache.truncate(keep)
+        self._adapt(all_accepted)
+
+    def _adapt(self, all_accepted: bool) -> None:
+        if self.adaptive:  # transformers' heuristic schedule
             self.k = self.k + 2 if all_accepted else max(1, self.k - 1)
 
 
@@ -156,22 +199,23 @@ class EarlyExitDraft(DraftModel):
     def __init__(
         self, model, layers: int, config: GenerationConfig, generator: torch.Generator | None = None
     ):
-        super().__init__(model, config, 0, generator)
+        super().__init__(model, config, generator)
         self.layers = layers
 
-    def bind(self, cache) -> None:
-        self.cache = cache
+    def start(self, main: RaggedCache) -> None:
+        self.cache = main
 
-    def propose(self, ids: torch.Tensor) -> list[int]:
-        start = self.cache.offset  # the pending token is not in the cache yet
+    def propose(
+        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], eos_banned: dict[int, int]
+    ) -> dict[int, list[int]]:
+        saved = self.cache.save()
         with self.model.early_exit(self.layers):
-            guesses = super().propose(ids)
-        self.cache.trim(self.cache.offset - start)
+            guesses = super().propose(seqs, limits, eos_banned)
+        self.cache.restore(saved)
         return guesses
 
-    def accepted(self, length: int, all_accepted: bool) -> None:
-        if self.adaptive:  # the cache is the model's: nothing to trim here
-            self.k = self.k + 2 if all_accepted else max(1, self.k - 1)
+    def settled(self, lengths: dict[int, int], all_accepted: bool) -> None:
+        self._adapt(all_accepted)  # the cache is the model's: nothing to trim here
 
 
 def accept(
@@ -197,12 +241,11 @@ def accept(
     return int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
 
 
-def check_speculation(config: GenerationConfig, batch: int, padded: bool, assistant_model) -> None:
-    lookup_only = assistant_model is None and config.assistant_early_exit is None
-    if (batch != 1 or padded) and not (lookup_only and not config.do_sample):
+def check_speculation(config: GenerationConfig, assistant_model, right_padded: bool = False) -> None:
+    if right_padded:
         raise ValueError(
-            "speculative decoding of a batch (or of padded input) works with greedy prompt lookup only in this "
-            f"version; got a batch of {batch}" + (" with padding" if padded else "")
+            "speculative decoding needs left padding (a row's last column must be a real token): set "
+            "padding_side='left' on the tokenizer"
         )
     drafters = [assistant_model is not None, config.prompt_lookup_num_tokens is not None]
     drafters.append(config.assistant_early_exit is not None)
@@ -215,6 +258,7 @@ def check_speculation(config: GenerationConfig, batch: int, padded: bool, assist
 def speculative_steps(
     model,
     input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     config: GenerationConfig,
     max_new_tokens: int,
     proposer,
@@ -223,164 +267,123 @@ def speculative_steps(
     governor: Governor | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator:
-    """Steps (as ``generate_steps`` yields them) of decoding one unpadded sequence, with guesses from ``proposer``
-    checked in one forward pass per round: greedy, or sampling with the rejection rule (see `accept`)."""
-    from .generate import Step
-
-    device = input_ids.device
-    prompt_length = input_ids.shape[1]
-    eos = set(config.eos_token_ids)
-    min_new = config.min_new_tokens or max(0, (config.min_length or 0) - prompt_length)
-    processors = make_processors(config)
-    ids = torch.empty(prompt_length + max_new_tokens + 1, dtype=torch.long, device=device)
-    ids[:prompt_length] = input_ids[0]
-    length = prompt_length
-    cache = model.new_cache(1, prompt_length + max_new_tokens + 1)
-    not_done = torch.zeros(1, dtype=torch.bool, device=device)
-    governor = governor or Governor()
-    if hasattr(proposer, "bind"):
-        proposer.bind(cache)
-
-    def choose(logits: torch.Tensor, length: int, guess: int | None, i: int) -> tuple[int, torch.Tensor]:
-        """The token after ids[:length] from its raw logits: plain decoding's choice when greedy; when sampling,
-        the guess if the rejection rule keeps it, else a draw that makes the result exactly the model's."""
-        scores = logits.float()[None]
-        for process in processors:
-            scores = process(ids[None, :length], scores)
-        if length - prompt_length < min_new and eos:
-            scores[:, list(eos)] = -float("inf")
-        if not config.do_sample:
-            return int(scores.argmax(-1)), scores
-        target = scores.softmax(-1)[0]
-        drafts = getattr(proposer, "distributions", None)
-        return accept(target, guess, drafts[i] if drafts else None, generator), scores
-
-    # Prefill all but the last prompt token: every round starts by feeding the pending token.
-    if prompt_length > 1:
-        model(input_ids[:, :-1], past_key_values=cache, logits_to_keep=1)
-    while True:
-        started = time.perf_counter()
-        budget = max(0, max_new_tokens - (length - prompt_length) - 1)
-        guesses = proposer.propose(ids[:length])[:budget] if budget and governor.should_guess() else []
-        fed = torch.cat([ids[length - 1 : length], torch.tensor(guesses, dtype=torch.long, device=device)])
-        logits = model(fed[None], past_key_values=cache).logits[0]  # (1 + guesses, vocab)
-        stats.rounds += 1
-        stats.proposed += len(guesses)
-        taken = 0
-        for i in range(len(guesses) + 1):
-            token, scores = choose(logits[i], length, guesses[i] if i < len(guesses) else None, i)
-            ids[length] = token
-            length += 1
-            yield Step(torch.tensor([token], device=device), not_done.clone(), scores)
-            finished = token in eos or length - prompt_length >= max_new_tokens
-            if stop_check is not None and not finished:
-                finished = bool(stop_check(torch.tensor([token], device=device), not_done)[0])
-            if finished:
-                return
-            if i == len(guesses) or token != guesses[i]:
-                break
-            taken += 1
-            stats.accepted += 1
-        cache.trim(len(guesses) - taken)  # the rejected guesses: the cache ends before the pending token
-        proposer.accepted(length - 1, bool(guesses) and taken == len(guesses))
-        governor.record(bool(guesses), time.perf_counter() - started, taken + 1)
-
-
-def batched_lookup_steps(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    config: GenerationConfig,
-    max_new_tokens: int,
-    lookup: PromptLookup,
-    stats: SpeculationStats,
-    stop_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    governor: Governor | None = None,
-) -> Iterator:
-    """Greedy speculative decoding of a batch (left padding allowed) with prompt-lookup guesses per row.
-
-    Each round feeds every row its pending token and its guesses (padded to the longest), and settles the same
-    number of tokens in every unfinished row: the fewest that any of them had right, plus one. Rows stay aligned,
-    share one cache offset and come out column by column as plain batched decoding's do, each token the model's
-    greedy choice after its row's exact prefix; a row that was right further than the others is checked again from
-    there next round."""
-    from .generate import Step
+    """Steps (as ``generate_steps`` yields them: one column of the batch each) of decoding a batch, left padding
+    allowed, with guesses from ``proposer`` checked in one forward pass per round: greedy, or sampling with the
+    rejection rule (see `accept`). Each row keeps all of its own accepted guesses; a row that got ahead of the
+    others holds its tokens back until every unfinished row has one for that column."""
+    from .generate import PREFILL_CHUNK, Step
 
     batch, prompt_length = input_ids.shape
     device = input_ids.device
-    eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=device)
-    pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = list(config.eos_token_ids)
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos or [0])[0]
     min_new = config.min_new_tokens or max(0, (config.min_length or 0) - prompt_length)
     processors = make_processors(config)
-    total = prompt_length + max_new_tokens + lookup.num_tokens + 1
-    ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
-    ids[:, :prompt_length] = input_ids
-    mask = torch.ones(batch, total, dtype=torch.long, device=device)
-    mask[:, :prompt_length] = attention_mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # of every slot, future ones included
-    padded = not bool(attention_mask.all())
-    cache = model.new_cache(batch, total)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
     governor = governor or Governor()
+    ids = torch.full((batch, prompt_length + max_new_tokens), pad, dtype=torch.long, device=device)
+    ids[:, :prompt_length] = input_ids  # the padded prompt, then each row's own tokens
+    padding = (attention_mask == 0).sum(-1).tolist()
+    produced = [0] * batch  # tokens generated per row, emitted or held back
+    finished = [False] * batch  # a row generates no more: it ended, reached max_new_tokens or hit a stop
+    held: list[deque] = [deque() for _ in range(batch)]  # (token, scores) generated, not yet emitted
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    emitted = 0
 
-    def choose(row: int, logits: torch.Tensor, context: torch.Tensor) -> tuple[int, torch.Tensor]:
+    main = RaggedCache(model, batch, prompt_length + max_new_tokens + 16)
+    real_prompt = attention_mask.bool()
+    for start in range(0, prompt_length - 1, PREFILL_CHUNK):  # all but the pending last token
+        stop = min(prompt_length - 1, start + PREFILL_CHUNK)
+        main.forward(input_ids[:, start:stop], real_prompt[:, start:stop], logits_to_keep=1)
+    proposer.start(main)
+
+    def choose(row: int, logits: torch.Tensor, guess: int | None, i: int) -> tuple[int, torch.Tensor]:
+        """The token after the row's sequence so far from its raw logits: plain decoding's choice when greedy;
+        when sampling, the guess if the rejection rule keeps it, else a draw that makes the result exactly the
+        model's."""
+        length = prompt_length + produced[row]
         scores = logits.float()[None]
         for process in processors:
-            scores = process(context[None], scores)
-        if context.shape[0] - prompt_length < min_new and eos.numel():
+            scores = process(ids[row : row + 1, :length], scores)
+        if produced[row] < min_new and eos:
             scores[:, eos] = -float("inf")
-        return int(scores.argmax(-1)), scores[0]
+        if not config.do_sample:
+            return int(scores.argmax(-1)), scores[0]
+        draft = proposer.distributions[row][i] if guess is not None and proposer.distributions else None
+        return accept(scores.softmax(-1)[0], guess, draft, generator), scores[0]
 
-    def forward(start: int, stop: int):
-        return model(
-            ids[:, start:stop],
-            attention_mask=mask[:, :stop] if padded else None,
-            position_ids=positions[:, start:stop],
-            past_key_values=cache,
-        ).logits
-
-    if prompt_length > 1:
-        forward(0, prompt_length - 1)
-    length = prompt_length
-    while True:
+    def round_of_guesses() -> None:
         started = time.perf_counter()
-        budget = max(0, max_new_tokens - (length - prompt_length) - 1)
-        guessing = budget > 0 and governor.should_guess()
-        guesses = [
-            lookup.propose(ids[r, :length])[:budget] if guessing and not done[r] else [] for r in range(batch)
-        ]
-        width = max(len(g) for g in guesses)
-        ids[:, length : length + width] = pad
-        for r, g in enumerate(guesses):
-            ids[r, length : length + len(g)] = torch.tensor(g, dtype=torch.long, device=device)
-        logits = forward(length - 1, length + width)  # (batch, 1 + width, vocab)
+        active = [row for row in range(batch) if not finished[row]]
+        limits = {row: max_new_tokens - produced[row] - 1 for row in active}
+        guessing = [row for row in active if limits[row] > 0]
+        guesses: dict[int, list[int]] = {}
+        if guessing and governor.should_guess():
+            seqs = {row: ids[row, padding[row] : prompt_length + produced[row]] for row in guessing}
+            banned = {row: min_new - produced[row] for row in guessing}  # guess i is token produced + i
+            guesses = proposer.propose(seqs, {row: limits[row] for row in guessing}, banned)
+        width = 1 + max((len(g) for g in guesses.values()), default=0)
+        fed = torch.full((batch, width), pad, dtype=torch.long, device=device)
+        real = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        for row in active:
+            g = guesses.get(row, [])
+            fed[row, 0] = ids[row, prompt_length + produced[row] - 1]
+            fed[row, 1 : 1 + len(g)] = torch.tensor(g, dtype=torch.long, device=device)
+            real[row, : 1 + len(g)] = True
+        logits = main.forward(fed, real)  # (batch, width, vocab)
         stats.rounds += 1
-        stats.proposed += sum(len(g) for g in guesses)
-        choices: list[list[tuple[int, torch.Tensor]]] = []
-        for r, g in enumerate(guesses):
-            row = []
+        keep = main.lengths.clone()
+        guessed = any(guesses.values())
+        all_accepted, settled = guessed, 0
+        for row in active:
+            g = guesses.get(row, [])
+            stats.proposed += len(g)
+            taken = 0
             for i in range(len(g) + 1):
-                row.append(choose(r, logits[r, i], ids[r, : length + i]))
-                if i == len(g) or row[-1][0] != g[i] or done[r]:
+                token, scores = choose(row, logits[row, i], g[i] if i < len(g) else None, i)
+                ids[row, prompt_length + produced[row]] = token
+                produced[row] += 1
+                held[row].append((token, scores))
+                settled += 1
+                if token in eos or produced[row] >= max_new_tokens:
+                    finished[row] = True
                     break
-            choices.append(row)
-        settle = min(len(row) for row, finished in zip(choices, done.tolist()) if not finished)
-        for j in range(settle):
-            picked = [
-                row[j] if j < len(row) else choose(r, logits[r, j], ids[r, : length + j])
-                for r, row in enumerate(choices)
-            ]
-            tokens = torch.tensor([p[0] for p in picked], dtype=torch.long, device=device)
-            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
-            ids[:, length] = tokens
-            length += 1
-            yield Step(tokens, done.clone(), torch.stack([p[1] for p in picked]))
-            if eos.numel():
-                done |= torch.isin(tokens, eos)
+                if i == len(g) or token != g[i]:
+                    break
+                taken += 1
+            stats.accepted += taken
+            all_accepted = all_accepted and taken == len(g)
+            keep[row] -= len(g) - taken  # the pending token and the accepted guesses stay cached
+        main.truncate(keep)
+        lengths = {row: prompt_length + produced[row] - padding[row] for row in active if not finished[row]}
+        proposer.settled(lengths, all_accepted)
+        governor.record(guessed, time.perf_counter() - started, settled / len(active))
+
+    while True:
+        if not all(held[row] for row in range(batch) if not done[row]):
+            round_of_guesses()
+        while all(held[row] for row in range(batch) if not done[row]):
+            picked = [held[row].popleft() if not done[row] else None for row in range(batch)]
+            tokens = torch.tensor([p[0] if p else pad for p in picked], dtype=torch.long, device=device)
+            scores = torch.stack([p[1] if p else _chose(pad, picked) for p in picked])
+            yield Step(tokens, done.clone(), scores)
+            emitted += 1
+            if eos:
+                done |= torch.isin(tokens, eos_tensor)
             if stop_check is not None:
                 done |= stop_check(tokens, done)
-            if bool(done.all()) or length - prompt_length >= max_new_tokens:
+            if bool(done.all()) or emitted >= max_new_tokens:
                 return
-        stats.accepted += (settle - 1) * int((~done).sum())
-        cache.trim(1 + width - settle)  # keep the old pending token and the settled tokens before the new one
-        governor.record(width > 0, time.perf_counter() - started, settle)
+            for row in done.nonzero().flatten().tolist():
+                finished[row] = True
+                held[row].clear()
+
+
+def _chose(token: int, picked: list) -> torch.Tensor:
+    """The scores of a row that is done: certain of the pad token it gets."""
+    like = next(p[1] for p in picked if p)
+    scores = torch.full_like(like, -float("inf"))
+    scores[token] = 0
+    return scores

@@ -186,7 +186,7 @@ def attention_masks(
     """Boolean masks (B or 1, 1, T, K) per attention type; None where plain causal attention over all keys will do.
 
     The T queries sit at cache slots offset..offset+T-1, the K = offset+T keys at slots 0..K-1. ``padding_mask``
-    (B, K) marks real tokens (left padding is False).
+    (B, K) marks real tokens (False for left padding, or any slot a row does not use).
     """
     kv_length = offset + query_length
     masks = AttentionMasks()
@@ -202,10 +202,16 @@ def attention_masks(
                 None  # plain causal: SDPA's is_causal on a fresh prompt, or one token seeing every key
             )
             continue
-        allowed = k <= q
-        if windowed:
+        allowed = (k <= q)[None, None]
+        if windowed and padding_mask is None:
             allowed = allowed & (q - k < sliding_window)
-        mask = allowed[None, None]
+        elif windowed:
+            # The window counts the row's tokens, not slots: a row's cache may hold masked slots between them
+            # (left padding, or guesses speculative decoding rejected in that row only).
+            position = padding_mask.long().cumsum(-1)
+            between = position[:, offset:kv_length, None] - position[:, None, :]
+            allowed = allowed & (between < sliding_window)[:, None]
+        mask = allowed
         if padding_mask is not None:
             mask = mask & padding_mask[:, None, None, :].bool()
             # A padding query sees no key at all; let it see itself so that softmax stays finite.

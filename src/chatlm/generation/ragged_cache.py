@@ -1,0 +1,86 @@
+"""A batch's cache whose rows advance by different numbers of tokens (speculative decoding keeps each row's own
+accepted guesses).
+
+Every forward call writes all rows' new tokens at the same slots; a slot that a row does not keep (padding, a
+rejected guess) is masked out rather than moved, and positions count each row's real tokens only, so a row reads
+exactly the keys of its own sequence. Slots that no row keeps at the end are trimmed away; holes inside are
+squeezed out (`compact`) once they would cost more attention reads than moving the cache once does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+COMPACT_MIN_SLOTS = 32  # do not bother compacting away fewer slots than this
+
+
+class RaggedCache:
+    def __init__(self, model, batch_size: int, capacity: int):
+        self.model = model
+        self.cache = model.new_cache(batch_size, capacity)
+        device = self.cache.keys[0].device
+        self.slots = torch.zeros(batch_size, max(capacity, 1), dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens cached per row
+
+    @property
+    def offset(self) -> int:
+        return self.cache.offset
+
+    def forward(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, W, vocab) of ``tokens`` (B, W) appended to each row; ``real`` (B, W) marks the tokens that
+        belong to the row's sequence (in order), the others are filler whose logits mean nothing.
+        ``logits_to_keep=n``: only the last n columns' logits."""
+        offset, width = self.cache.offset, tokens.shape[1]
+        self._reserve(offset + width)
+        self.slots[:, offset : offset + width] = real
+        positions = (self.lengths[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
+        mask = self.slots[:, : offset + width]
+        logits = self.model(
+            tokens,
+            attention_mask=None if bool(mask.all()) else mask.long(),
+            position_ids=positions,
+            past_key_values=self.cache,
+            logits_to_keep=logits_to_keep,
+        ).logits
+        self.lengths += real.sum(-1)
+        return logits
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Keep only the first ``lengths[r]`` tokens of each row."""
+        end = self.cache.offset
+        slots = self.slots[:, :end]
+        slots &= slots.cumsum(-1) <= lengths[:, None]
+        self.lengths = torch.minimum(self.lengths, lengths)
+        used = slots.any(0).nonzero()
+        self.cache.trim(end - (int(used[-1]) + 1 if used.numel() else 0))
+        if self.cache.offset - int(self.lengths.max()) >= max(COMPACT_MIN_SLOTS, self.cache.offset // 4):
+            self.compact()
+
+    def save(self) -> tuple[int, torch.Tensor]:
+        return self.cache.offset, self.lengths.clone()
+
+    def restore(self, saved: tuple[int, torch.Tensor]) -> None:
+        """Forget what was fed since ``save`` (a draft on this cache); the slots past the offset are rewritten."""
+        offset, self.lengths = saved
+        self.cache.trim(self.cache.offset - offset)
+
+    def compact(self) -> None:
+        """Squeeze out the holes: each row's kept slots move, in order, to the end of a cache as long as the
+        longest row (shorter rows get masked slots in front, as left padding)."""
+        end, width = self.cache.offset, int(self.lengths.max())
+        kept = self.slots[:, :end]
+        order = torch.sort(kept.to(torch.uint8), dim=1, stable=True).indices  # unkept slots first, then kept
+        index = order[:, end - width :]
+        self.slots[:, :width] = kept.gather(1, index)
+        for store in (self.cache.keys, self.cache.values):
+            for layer in store:
+                b, heads, _, dim = layer.shape
+                moved = layer[:, :, :end].gather(2, index[:, None, :, None].expand(b, heads, width, dim))
+                layer[:, :, :width] = moved
+        self.cache.trim(end - width)
+
+    def _reserve(self, length: int) -> None:
+        if length > self.slots.shape[1]:
+            grown = self.slots.new_zeros(self.slots.shape[0], max(length, 2 * self.slots.shape[1]))
+            grown[:, : self.slots.shape[1]] = self.slots
+            self.slots = grown
