@@ -11,6 +11,10 @@ model's first 8 of its 30 layers draft), and a draft model: the 4-bit bundled mo
 give plain decoding's reply token for token (the script stops if not). Decode tok/s counts the reply's tokens
 after the first over the time between the first token's arrival and the last's (prefill left out); the
 acceptance rate is accepted / proposed guesses.
+
+Then a batch of four chats at once (two edits, two open questions, left-padded) in float32: plain batched
+decoding against prompt lookup and the int4 draft, which must give plain batched decoding's replies. Tok/s there
+is all rows' reply tokens after the first column over the time from the first column to the last.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ CHATS = {
     "edit a paragraph": "Repeat this paragraph exactly, with 'river' changed to 'River':\n\n" + PARAGRAPH,
     "open question": "Why do rivers meander? Explain in a few sentences.",
 }
+BATCH = [
+    CHATS["edit a paragraph"],
+    CHATS["open question"],
+    "Rewrite this paragraph in British spelling, changing nothing else:\n\n" + PARAGRAPH,
+    "What is a river delta? Answer briefly.",
+]
 
 
 def run(model, ids, new_tokens: int, **options) -> tuple[list[int], float, object]:
@@ -40,6 +50,21 @@ def run(model, ids, new_tokens: int, **options) -> tuple[list[int], float, objec
     tps = (len(reply) - 1) / (arrivals.times[-1] - arrivals.times[1]) if len(reply) > 1 else 0.0
     stats = getattr(model, "last_speculation", None) if options else None
     return reply, tps, stats
+
+
+def run_batch(model, batch, new_tokens: int, **options) -> tuple[list[list[int]], float, object]:
+    arrivals = TokenArrivals()
+    out = model.generate(**batch, max_new_tokens=new_tokens, streamer=arrivals, **options)
+    prompt = batch["input_ids"].shape[1]
+    eos = set(model.generation_config.eos_token_ids)
+    replies = []
+    for row in out[:, prompt:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        replies.append(row[:end])
+    tokens = sum(len(r) for r in replies) - len(replies)
+    tps = tokens / (arrivals.times[-1] - arrivals.times[1]) if len(arrivals.times) > 2 else 0.0
+    stats = getattr(model, "last_speculation", None) if options else None
+    return replies, tps, stats
 
 
 def main() -> None:
@@ -84,6 +109,29 @@ def main() -> None:
             for name, (tps, stats) in best.items():
                 rate = f"{stats.acceptance_rate:.0%} of {stats.proposed}" if stats is not None else "-"
                 rows.append((chat, weights, name, len(reference), tps, tps / plain, rate))
+    tok.padding_side = "left"
+    batch = tok.apply_chat_template(
+        [[{"role": "user", "content": text}] for text in BATCH],
+        add_generation_prompt=True,
+        padding=True,
+        return_tensors="pt",
+    )
+    configs = {"plain": {}, "prompt lookup 10": dict(prompt_lookup_num_tokens=10)}
+    configs["draft: int4 bundled"] = dict(assistant_model=models["int4"])
+    best = {}
+    reference = None
+    for _ in range(args.repeats):
+        for name, options in configs.items():
+            replies, tps, stats = run_batch(models["float32"], batch, args.new_tokens, **options)
+            reference = reference or replies
+            if replies != reference:
+                raise SystemExit(f"batch / {name}: the replies differ from plain batched greedy decoding")
+            if tps > best.get(name, (0.0, None))[0]:
+                best[name] = (tps, stats)
+    for name, (tps, stats) in best.items():
+        rate = f"{stats.acceptance_rate:.0%} of {stats.proposed}" if stats is not None else "-"
+        tokens = sum(len(r) for r in reference)
+        rows.append(("batch of 4", "float32", name, tokens, tps, tps / best["plain"][0], rate))
     print(f"bundled SmolLM2-135M-Instruct, {args.threads} threads, greedy, best of {args.repeats}")
     header = ("chat", "weights", "decoding", "tokens", "decode tok/s", "vs plain", "accepted")
     widths = [max(len(str(r[i])) if i != 4 else 8 for r in rows + [header]) for i in range(len(header))]

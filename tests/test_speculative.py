@@ -62,6 +62,25 @@ def test_draft_model_is_plain_greedy(tmp_path, tiny_checkpoints):
     assert got.speculation.accepted == got.speculation.proposed > 0
 
 
+def test_draft_applies_min_new_tokens(tiny_checkpoints):
+    """The model as its own draft, with an eos it would emit early held off by min_new_tokens: the draft holds it
+    off too, so every guess is still right."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    ids = repetitive_prompt(model.config.vocab_size, seed=3)
+    eos = int(model.generate(ids, max_new_tokens=4, eos_token_id=None)[0, ids.shape[1] + 2])
+    options = dict(max_new_tokens=12, eos_token_id=eos, min_new_tokens=8, return_dict_in_generate=True)
+    plain = model.generate(ids, **options)
+    got = model.generate(
+        ids,
+        assistant_model=model,
+        num_assistant_tokens=3,
+        num_assistant_tokens_schedule="constant",
+        **options,
+    )
+    assert got.sequences.tolist() == plain.sequences.tolist()
+    assert got.speculation.proposed > 0 and got.speculation.accepted == got.speculation.proposed
+
+
 def test_stops_as_plain_greedy_does(tiny_checkpoints):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
     ids = repetitive_prompt(model.config.vocab_size, seed=3)
