@@ -1,13 +1,15 @@
 """The command line: ``chatlm chat [MODEL]`` (interactive), ``chatlm run [MODEL] PROMPT`` (one shot) and
 ``chatlm doctor [MODEL]`` (checks a model's chat template, tokenizer and stop tokens), ``chatlm info [MODEL]``
 (parameters, memory, KV cache and speed estimates, read off the files without loading the weights) and
-``chatlm bench [MODEL]`` (load time, prefill and decode speed, memory and bandwidth use, perplexity)."""
+``chatlm bench [MODEL]`` (load time, prefill and decode speed, memory and bandwidth use, perplexity) and
+``chatlm serve [MODEL]`` (an OpenAI-compatible HTTP server with continuous batching)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -125,6 +127,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", action="store_true", help="print machine-readable JSON")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser(
+        "serve", help="an OpenAI-compatible server (/v1/chat/completions, /v1/completions)"
+    )
+    serve.add_argument(
+        "model", nargs="?", help="local directory, .gguf file or Hub id (default: the bundled model)"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("CHATLM_API_KEY"),
+        help="require this bearer key (or $CHATLM_API_KEY)",
+    )
+    serve.add_argument(
+        "--max-batch", type=_positive_int, default=16, help="sequences decoded together (default 16)"
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=64,
+        help="requests that may wait; more get 429 (default 64)",
+    )
+    serve.add_argument("--served-model-name", default=None, help="the model's name in the API")
+    serve.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
+    serve.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    serve.add_argument(
+        "--quantization", choices=("none", "int8", "int4"), default="none", help="weight quantization"
+    )
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -132,6 +166,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {text}")
     return value
 
 
@@ -369,6 +410,45 @@ def _write_reasoning(text: str) -> None:
     dim = sys.stderr.isatty()
     sys.stderr.write(f"\033[2m{text}\033[0m" if dim else text)
     sys.stderr.flush()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .auto import AutoModelForCausalLM
+    from .bench import quantization_config
+    from .serving.app import create_app
+    from .tokenizer import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.chat_template is None:
+        print(
+            "chatlm: warning: the model has no chat template; only /v1/completions will work", file=sys.stderr
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model,
+        torch_dtype=args.dtype,
+        device_map=args.device,
+        quantization_config=quantization_config(args.quantization),
+    )
+    name = args.served_model_name or _model_name(args.model)
+    app = create_app(
+        model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue
+    )
+    print(f"chatlm: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    # On SIGTERM or Ctrl-C, in-flight requests get 30 s to finish; then they are cancelled. uvicorn raises the
+    # signal again once it has shut down: a SIGTERM that ended a clean shutdown is then no error (exit status 0).
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    return 0
+
+
+def _model_name(reference: str | None) -> str:
+    if reference is None:
+        return "SmolLM2-135M-Instruct"
+    path = reference.rstrip("/")
+    name = path.rsplit("/", 1)[-1] if os.path.exists(path) else path
+    return name[:-5] if name.endswith(".gguf") else name
 
 
 def main(argv: list[str] | None = None) -> int:

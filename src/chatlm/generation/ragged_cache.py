@@ -79,6 +79,35 @@ class RaggedCache:
                 layer[:, :, :width] = moved
         self.cache.trim(end - width)
 
+    @property
+    def rows(self) -> int:
+        return self.cache.batch_size
+
+    def add_rows(self, count: int) -> None:
+        """``count`` more rows, empty (a server's batch grows as requests come)."""
+        cache = self.cache
+        for store in (cache.keys, cache.values):
+            for i, layer in enumerate(store):
+                store[i] = torch.cat([layer, layer.new_zeros(count, *layer.shape[1:])])
+        self.slots = torch.cat([self.slots, self.slots.new_zeros(count, self.slots.shape[1])])
+        self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(count)])
+
+    def place(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Put a sequence prefilled elsewhere (per layer, keys and values (kv_heads, L, head_dim) at positions
+        0..L-1) into an empty row, in the L slots before the offset (the offset moves up if L is longer)."""
+        length, offset = keys[0].shape[1], self.cache.offset
+        if length > offset:  # the other rows get masked slots up to the new offset
+            self.cache.reserve(length)
+            self._reserve(length)
+            self.slots[:, offset:length] = False
+            self.cache.offset = offset = length
+        for store, new in ((self.cache.keys, keys), (self.cache.values, values)):
+            for layer, entries in zip(store, new):
+                layer[row, :, offset - length : offset] = entries
+        self.slots[row, :offset] = False
+        self.slots[row, offset - length : offset] = True
+        self.lengths[row] = length
+
     def _reserve(self, length: int) -> None:
         if length > self.slots.shape[1]:
             grown = self.slots.new_zeros(self.slots.shape[0], max(length, 2 * self.slots.shape[1]))

@@ -1,0 +1,2 @@
+"""The OpenAI-compatible server: `engine` (continuous batching), `protocol` (requests in, responses out),
+`app` (the HTTP endpoints)."""

@@ -1,0 +1,566 @@
+"""The HTTP endpoints of the OpenAI API on FastAPI: handlers turn JSON into engine requests and stream back what
+the engine's worker produces through a per-request asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..reply_parsing import ReplyFormat, ReplyParser, detect_reply_format
+from . import engine as engine_module
+from .engine import Delta, Engine, EngineStopped, QueueFull, SamplingParams
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    new_id,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class Job:
+    """One engine request seen from the event loop: its deltas arrive on an asyncio queue."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int, skip_special: bool):
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.request = engine_module.Request(prompt, params, self._sink, n, skip_special_tokens=skip_special)
+        self.open = n
+        try:
+            engine.submit(self.request)
+        except QueueFull as e:
+            raise APIError(
+                429,
+                f"the server is busy: {e}; retry shortly",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from e
+        except EngineStopped as e:
+            raise APIError(503, str(e), "server_error", code="shutting_down") from e
+
+    def _sink(self, delta: Delta) -> None:  # called on the engine's thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+    async def deltas(self, http: Request | None = None) -> AsyncIterator[Delta]:
+        """Deltas until every choice has finished. With ``http`` (a non-streaming request), a client that went
+        away cancels the generation."""
+        try:
+            while self.open:
+                if http is None:
+                    delta = await self.queue.get()
+                else:
+                    try:
+                        delta = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        if await http.is_disconnected():
+                            return
+                        continue
+                if delta.finish_reason is not None:
+                    self.open -= 1
+                yield delta
+        finally:
+            if self.open:
+                self.engine.cancel(self.request)
+
+
+class Server:
+    """The state behind the endpoints: the model, its tokenizer, the engine and the options."""
+
+    def __init__(self, model, tokenizer, model_name: str, api_key: str | None, engine: Engine, max_body: int):
+        self.model, self.tokenizer, self.name = model, tokenizer, model_name
+        self.api_key, self.engine, self.max_body = api_key, engine, max_body
+        self.context = model.config.max_position_embeddings
+        self.created = int(time.time())
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            message = "no API key given" if not token else "the API key is not valid"
+            raise APIError(
+                401,
+                f"{message}: send 'Authorization: Bearer KEY'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def body(self, request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise self._too_large(int(declared))
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_body:
+                raise self._too_large(len(raw))
+        return parse_json(bytes(raw))
+
+    def _too_large(self, size: int) -> APIError:
+        return APIError(
+            413,
+            f"the request body ({size} bytes or more) is over the limit of {self.max_body} bytes",
+            code="request_too_large",
+        )
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.name:
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def fit(self, params: SamplingParams, given: bool, prompt_tokens: int) -> None:
+        """Fill in max_tokens, or refuse a prompt that, with it, would not fit the context window."""
+        room = self.context - prompt_tokens
+        if given and params.max_tokens > room:
+            over = params.max_tokens - room
+            raise APIError(
+                400,
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) is {over} tokens over "
+                f"the model's context window of {self.context} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt ({prompt_tokens} tokens) fills the model's context window of {self.context} tokens "
+                f"({1 - room} tokens over, with room for one reply token)",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if not given:
+            params.max_tokens = room
+
+    def token_logprobs(self, logprobs) -> list[dict[str, Any]]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+            for lp in logprobs
+        ]
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def openai_tool_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
+    """The parser's tool calls (arguments as a dict) as OpenAI sends them (arguments as a JSON string, an id)."""
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        out.append(
+            {
+                "index": start + i,
+                "id": f"call_{new_id('x')[2:]}",
+                "type": "function",
+                "function": {
+                    "name": function.get("name"),
+                    "arguments": arguments
+                    if isinstance(arguments, str)
+                    else json.dumps(arguments, ensure_ascii=False),
+                },
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------- chat completions
+
+
+async def chat_completions(server: Server, http: Request) -> Any:
+    server.authorize(http)
+    req = parse_chat(await server.body(http), max_n=server.engine.max_batch)
+    server.check_model(req.model)
+    if req.json_object:
+        raise APIError(
+            400,
+            "response_format 'json_object' is not supported yet",
+            param="response_format",
+            code="unsupported",
+        )
+    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
+        raise APIError(
+            400,
+            "tool_choice 'required' and named functions are not supported yet; use 'auto'",
+            param="tool_choice",
+            code="unsupported",
+        )
+    tok = server.tokenizer
+    try:
+        prompt = tok.apply_chat_template(
+            req.messages, tools=req.tools, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+    server.fit(req.params, req.max_tokens_given, len(prompt))
+    reply_format = _reply_format(tok, req.tools)
+    prefix = tok.decode(prompt, skip_special_tokens=False) if not reply_format.is_plain else ""
+    job = Job(server.engine, prompt, req.params, req.n, skip_special=reply_format.is_plain)
+    ident, created = new_id("chatcmpl"), int(time.time())
+    if req.stream:
+        chunks = _chat_stream(server, req, job, ident, created, len(prompt), reply_format, prefix)
+        return StreamingResponse(
+            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    texts = [""] * req.n
+    counts = [0] * req.n
+    logprobs: list[list] = [[] for _ in range(req.n)]
+    reasons: list[str | None] = [None] * req.n
+    async for delta in job.deltas(http):
+        texts[delta.index] += delta.text
+        counts[delta.index] += len(delta.token_ids)
+        if delta.logprobs:
+            logprobs[delta.index] += delta.logprobs
+        if delta.finish_reason:
+            reasons[delta.index] = delta.finish_reason
+    choices = []
+    for i in range(req.n):
+        message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
+        reason = reasons[i] or "abort"
+        if not reply_format.is_plain:
+            parser = ReplyParser(reply_format, prefix=prefix)
+            parser.feed(texts[i])
+            parser.finish()
+            parsed = parser.message
+            message["content"] = parsed["content"]
+            if "reasoning_content" in parsed:
+                message["reasoning_content"] = parsed["reasoning_content"]
+            if parsed.get("tool_calls"):
+                message["tool_calls"] = [
+                    {k: v for k, v in c.items() if k != "index"}
+                    for c in openai_tool_calls(parsed["tool_calls"])
+                ]
+                message["content"] = parsed["content"] or None
+                reason = "tool_calls" if reason == "stop" else reason
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": {"content": server.token_logprobs(logprobs[i])}
+                if req.params.logprobs is not None
+                else None,
+                "finish_reason": reason,
+            }
+        )
+    return {
+        "id": ident,
+        "object": "chat.completion",
+        "created": created,
+        "model": server.name,
+        "choices": choices,
+        "usage": usage(len(prompt), sum(counts)),
+    }
+
+
+def _reply_format(tokenizer, tools) -> ReplyFormat:
+    try:
+        template = tokenizer.get_chat_template(None, tools)
+    except ValueError:
+        return ReplyFormat()
+    return detect_reply_format(template).for_request(tools_given=bool(tools))
+
+
+async def _chat_stream(
+    server: Server,
+    req: ChatRequest,
+    job: Job,
+    ident: str,
+    created: int,
+    prompt_tokens: int,
+    reply_format: ReplyFormat,
+    prefix: str,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra) -> str:
+        body = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": server.name,
+            "choices": choices,
+        }
+        if req.include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return sse(body)
+
+    def choice(index: int, delta: dict[str, Any], logprobs=None, finish: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    parsers = [
+        ReplyParser(reply_format, prefix=prefix) if not reply_format.is_plain else None for _ in range(req.n)
+    ]
+    calls = [0] * req.n
+    generated = 0
+    for i in range(req.n):
+        yield chunk([choice(i, {"role": "assistant", "content": ""})])
+    async for delta in job.deltas():
+        generated += len(delta.token_ids)
+        i = delta.index
+        logprobs = {"content": server.token_logprobs(delta.logprobs)} if delta.logprobs else None
+        pieces: list[dict[str, Any]] = []
+        if parsers[i] is None:
+            if delta.text:
+                pieces.append({"content": delta.text})
+        else:
+            parsed = parsers[i].feed(delta.text)
+            if delta.finish_reason:
+                parsed += parsers[i].finish()
+            for piece in parsed:
+                if piece.content:
+                    pieces.append({"content": piece.content})
+                if piece.reasoning_content:
+                    pieces.append({"reasoning_content": piece.reasoning_content})
+                if piece.tool_call:
+                    pieces.append({"tool_calls": openai_tool_calls([piece.tool_call], start=calls[i])})
+                    calls[i] += 1
+        for k, piece in enumerate(pieces):
+            yield chunk([choice(i, piece, logprobs if k == 0 else None)])
+        if logprobs and not pieces:
+            yield chunk([choice(i, {}, logprobs)])
+        if delta.finish_reason:
+            reason = delta.finish_reason
+            if reason == "cancelled":
+                reason = "abort"
+            elif reason == "stop" and calls[i]:
+                reason = "tool_calls"
+            yield chunk([choice(i, {}, None, reason)])
+    if req.include_usage:
+        yield chunk([], usage=usage(prompt_tokens, generated))
+    yield "data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------------------------- text completions
+
+
+async def completions(server: Server, http: Request) -> Any:
+    server.authorize(http)
+    req = parse_completion(await server.body(http), max_n=server.engine.max_batch)
+    server.check_model(req.model)
+    tok = server.tokenizer
+    prompts = [p if isinstance(p, list) else tok(p)["input_ids"] for p in req.prompts]
+    for p in prompts:
+        if any(not isinstance(t, int) or not 0 <= t < server.model.config.vocab_size for t in p):
+            raise APIError(400, "a prompt token id is outside the vocabulary", param="prompt")
+    params = []
+    for p in prompts:
+        own = SamplingParams(**vars(req.params))
+        server.fit(own, req.max_tokens_given, len(p))
+        params.append(own)
+    jobs = [Job(server.engine, p, own, req.n, skip_special=True) for p, own in zip(prompts, params)]
+    ident, created = new_id("cmpl"), int(time.time())
+    texts = {}
+    if req.echo:
+        texts = {
+            (j, i): tok.decode(p, skip_special_tokens=False)
+            if isinstance(req.prompts[j], list)
+            else req.prompts[j]
+            for j, p in enumerate(prompts)
+            for i in range(req.n)
+        }
+    if req.stream:
+        return StreamingResponse(
+            _completion_stream(server, req, jobs, ident, created, prompts, texts),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    outputs = {
+        (j, i): {"text": texts.get((j, i), ""), "logprobs": [], "reason": None, "tokens": 0}
+        for j in range(len(jobs))
+        for i in range(req.n)
+    }
+    for j, job in enumerate(jobs):
+        async for delta in job.deltas(http):
+            out = outputs[j, delta.index]
+            out["text"] += delta.text
+            out["tokens"] += len(delta.token_ids)
+            out["logprobs"] += delta.logprobs or []
+            out["reason"] = delta.finish_reason or out["reason"]
+    choices = []
+    for (j, i), out in outputs.items():
+        choices.append(
+            {
+                "index": j * req.n + i,
+                "text": out["text"],
+                "logprobs": _legacy_logprobs(server, out["logprobs"])
+                if req.params.logprobs is not None
+                else None,
+                "finish_reason": out["reason"] if out["reason"] != "cancelled" else "abort",
+            }
+        )
+    generated = sum(out["tokens"] for out in outputs.values())
+    return {
+        "id": ident,
+        "object": "text_completion",
+        "created": created,
+        "model": server.name,
+        "choices": choices,
+        "usage": usage(sum(len(p) for p in prompts) * req.n, generated),
+    }
+
+
+def _legacy_logprobs(server: Server, logprobs) -> dict[str, Any]:
+    decode = server.tokenizer.decode
+    tokens = [decode([lp.token_id], skip_special_tokens=False) for lp in logprobs]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{decode([t], skip_special_tokens=False): v for t, v in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+async def _completion_stream(
+    server, req: CompletionRequest, jobs: list[Job], ident: str, created: int, prompts, texts
+) -> AsyncIterator[str]:
+    def chunk(choices, **extra) -> str:
+        body = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": server.name,
+            "choices": choices,
+        }
+        if req.include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return sse(body)
+
+    generated = 0
+    for (j, i), text in texts.items():
+        yield chunk([{"index": j * req.n + i, "text": text, "logprobs": None, "finish_reason": None}])
+    try:
+        for j, job in enumerate(jobs):
+            async for delta in job.deltas():
+                generated += len(delta.token_ids)
+                logprobs = _legacy_logprobs(server, delta.logprobs) if delta.logprobs else None
+                reason = delta.finish_reason if delta.finish_reason != "cancelled" else "abort"
+                yield chunk(
+                    [
+                        {
+                            "index": j * req.n + delta.index,
+                            "text": delta.text,
+                            "logprobs": logprobs,
+                            "finish_reason": reason,
+                        }
+                    ]
+                )
+    finally:
+        for job in jobs:
+            if job.open:
+                server.engine.cancel(job.request)
+    if req.include_usage:
+        yield chunk([], usage=usage(sum(len(p) for p in prompts) * req.n, generated))
+    yield "data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------------------------- the application
+
+
+def create_app(
+    model,
+    tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_body: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The OpenAI-compatible app around one model. Its engine thread starts here and stops with the app's
+    lifespan (or `app.state.server.engine.shutdown()`)."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    server = Server(model, tokenizer, model_name, api_key, engine, max_body)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    app = FastAPI(title="chatlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        engine.metrics.reject(error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        engine.metrics.reject(error.status_code)
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        body = APIError(
+            error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind
+        ).body()
+        return JSONResponse(body, status_code=error.status_code)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await chat_completions(server, request)
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        return await completions(server, request)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.authorize(request)
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        server.authorize(request)
+        server.check_model(name)
+        return _model_card(server)
+
+    @app.get("/health")
+    async def health():
+        if engine.error is not None or not engine.thread.is_alive():
+            return JSONResponse({"status": "error", "detail": repr(engine.error)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _model_card(server: Server) -> dict[str, Any]:
+    return {
+        "id": server.name,
+        "object": "model",
+        "created": server.created,
+        "owned_by": "chatlm",
+        "max_model_len": server.context,
+    }

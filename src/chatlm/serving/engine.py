@@ -1,0 +1,324 @@
+"""The engine worker: one thread owns the model and the batch's KV cache, and runs continuous batching.
+
+Requests wait in a bounded queue. Each loop turn the worker (1) prefills one chunk of the oldest waiting
+request's prompt, in a cache of its own, when the batch has rows free for its choices, and (2) decodes one token
+for every running sequence in one forward pass. A request whose prompt is done joins the batch at the next turn
+(its keys and values move into free rows of a `RaggedCache`); a finished or cancelled sequence leaves it at once.
+A long prompt is taken a chunk per turn, so the running sequences keep decoding meanwhile.
+
+Handlers talk to the worker through `Request`: it carries the prompt and `SamplingParams` in, and hands each
+`Delta` (text, token ids, log-probabilities, and at the end the finish reason) to the request's ``sink`` callback,
+from the worker's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation.config import GenerationConfig
+from ..generation.ragged_cache import RaggedCache
+from ..generation.sampling import make_processors
+from .detokenize import TextStream
+from .metrics import Metrics
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Delta:
+    """What one choice produced since its last delta: the token generated (an end-of-sequence token too) and the
+    text that became certain. ``finish_reason`` ("stop", "length", "cancelled") marks the choice's last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit: the caller should come back later."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[Delta], None]
+    n: int = 1
+    skip_special_tokens: bool = True  # False: the text keeps markers such as <tool_call> for the reply parser
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    choices_left: int = 0
+
+
+class Sequence:
+    """One choice of a request while it decodes: its row, tokens, sampling state and text stream."""
+
+    def __init__(self, request: Request, index: int, tokenizer, eos: set[int], vocab: int):
+        self.request, self.index, self.eos = request, index, eos
+        params = request.params
+        self.params = params
+        self.tokens: list[int] = []
+        self.row = -1
+        self.text = TextStream(tokenizer, params.stop, request.skip_special_tokens)
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(
+                params.seed + index if params.seed is not None else torch.seed() % 2**63
+            )
+        config = GenerationConfig(
+            do_sample=params.temperature > 0, temperature=params.temperature, top_p=params.top_p, top_k=0
+        )
+        self.processors = make_processors(config)
+        penalised = params.presence_penalty or params.frequency_penalty
+        self.counts = torch.zeros(vocab) if penalised else None
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """The next token from the raw logits (vocab,): OpenAI's presence and frequency penalties over the tokens
+        generated so far, then temperature and top-p, then a draw (or the argmax at temperature 0)."""
+        scores = logits.float()[None]
+        if self.counts is not None:
+            p = self.params
+            scores = (
+                scores - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+            )
+        for process in self.processors:
+            scores = process(None, scores)
+        if self.generator is None:
+            token = int(scores.argmax())
+        else:
+            token = int(torch.multinomial(scores.softmax(-1)[0], 1, generator=self.generator))
+        logprob = None
+        if self.params.logprobs is not None:
+            logprobs = logits.float().log_softmax(-1)
+            k = self.params.logprobs
+            top = torch.topk(logprobs, k) if k else None
+            pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            logprob = TokenLogprob(token, float(logprobs[token]), pairs)
+        return token, logprob
+
+    def add(self, token: int, logprob: TokenLogprob | None) -> Delta:
+        """Take the chosen token; the delta says whether the choice is finished."""
+        self.tokens.append(token)
+        if self.counts is not None:
+            self.counts[token] += 1
+        reason = None
+        if token in self.eos:
+            reason, text = "stop", self.text.finish()
+        else:
+            text = self.text.add(token)
+            if self.text.stopped:
+                reason = "stop"
+            elif len(self.tokens) >= self.params.max_tokens:
+                reason, text = "length", text + self.text.finish()
+        return Delta(self.index, text, [token], [logprob] if logprob else None, reason)
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        prefill_chunk: int = 512,
+        busy_prefill_chunk: int = 128,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk, self.busy_prefill_chunk = prefill_chunk, busy_prefill_chunk
+        self.eos = set(model.generation_config.eos_token_ids)
+        self.vocab = model.config.vocab_size
+        self.metrics = Metrics()
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Sequence] = {}  # by row
+        self.prefill: tuple[Request, object, int] | None = None  # request, its cache, prompt tokens done
+        self.batch: RaggedCache | None = None
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="chatlm-engine", daemon=True)
+        self.thread.start()
+
+    # -- called from the handlers' threads -------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self.lock:
+            if self.stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            request.choices_left = request.n
+            self.waiting.append(request)
+            self.metrics.waiting = len(self.waiting)
+        self.metrics.requests += 1
+        self.wake.set()
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        self.wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Take no more requests, cancel those in flight (their sinks get a "cancelled" finish), stop."""
+        with self.lock:
+            self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # -- the worker --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self.stopping:
+                    if not (self.waiting or self.running or self.prefill):
+                        self.wake.wait(0.5)
+                        self.wake.clear()
+                        continue
+                    self._drop_cancelled()
+                    self._prefill_step()
+                    self._decode_step()
+        except BaseException as error:  # a bug or out of memory: fail every request rather than hang them
+            self.error = error
+            raise
+        finally:
+            self._cancel_everything()
+
+    def _drop_cancelled(self) -> None:
+        with self.lock:
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                self._finish_all(request)
+            self.metrics.waiting = len(self.waiting)
+        if self.prefill is not None and self.prefill[0].cancelled:
+            self._finish_all(self.prefill[0])
+            self.prefill = None
+        gone = [row for row, seq in self.running.items() if seq.request.cancelled]
+        for row in gone:
+            seq = self.running.pop(row)
+            seq.request.sink(Delta(seq.index, "", [], None, "cancelled"))
+        self._free_rows(gone)
+
+    def _finish_all(self, request: Request) -> None:
+        for index in range(request.n):
+            request.sink(Delta(index, "", [], None, "cancelled"))
+
+    def _prefill_step(self) -> None:
+        if self.prefill is None:
+            with self.lock:
+                if not self.waiting or self.max_batch - len(self.running) < self.waiting[0].n:
+                    return
+                request = self.waiting.popleft()
+                self.metrics.waiting = len(self.waiting)
+            self.prefill = (request, self.model.new_cache(1, len(request.prompt)), 0)
+        request, cache, done = self.prefill
+        chunk = self.busy_prefill_chunk if self.running else self.prefill_chunk
+        tokens = torch.tensor([request.prompt[done : done + chunk]], device=self.model.device)
+        logits = self.model(tokens, past_key_values=cache, logits_to_keep=1).logits[0, -1]
+        done += tokens.shape[1]
+        if done < len(request.prompt):
+            self.prefill = (request, cache, done)
+            return
+        self.prefill = None
+        self.metrics.prompt_tokens += len(request.prompt)
+        self._start(request, cache, logits)
+
+    def _start(self, request: Request, cache, logits: torch.Tensor) -> None:
+        """The prompt is prefilled: its choices take free rows, each with its first token."""
+        if self.batch is None:
+            self.batch = RaggedCache(self.model, 0, len(request.prompt) + 64)
+        free = [row for row in range(self.batch.rows) if row not in self.running]
+        if len(free) < request.n:
+            self.batch.add_rows(request.n - len(free))
+            free = [row for row in range(self.batch.rows) if row not in self.running]
+        keys = [k[0, :, : cache.offset] for k in cache.keys]
+        values = [v[0, :, : cache.offset] for v in cache.values]
+        self.metrics.first_token(time.monotonic() - request.arrived)
+        finished = []
+        for index, row in zip(range(request.n), free):
+            seq = Sequence(request, index, self.tokenizer, self.eos, self.vocab)
+            seq.row = row
+            self.batch.place(row, keys, values)
+            self.running[row] = seq
+            if self._emit(seq, *seq.choose(logits)):
+                finished.append(row)
+        self.metrics.running = len(self.running)
+        self._free_rows(finished)
+
+    def _decode_step(self) -> None:
+        if not self.running:
+            return
+        started = time.perf_counter()
+        batch = self.batch
+        fed = torch.zeros(batch.rows, 1, dtype=torch.long, device=self.model.device)
+        real = torch.zeros(batch.rows, 1, dtype=torch.bool, device=fed.device)
+        for row, seq in self.running.items():
+            fed[row, 0], real[row, 0] = seq.tokens[-1], True
+        logits = batch.forward(fed, real)[:, 0]
+        stepped = len(self.running)
+        finished = [row for row, seq in self.running.items() if self._emit(seq, *seq.choose(logits[row]))]
+        self._free_rows(finished)
+        self.metrics.decode_step(stepped, time.perf_counter() - started)
+
+    def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
+        delta = seq.add(token, logprob)
+        self.metrics.generated_tokens += 1
+        seq.request.sink(delta)
+        return delta.finish_reason is not None
+
+    def _free_rows(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        for row in rows:
+            self.running.pop(row, None)
+        keep = self.batch.lengths.clone()
+        keep[rows] = 0
+        self.batch.truncate(keep)
+        self.metrics.running = len(self.running)
+
+    def _cancel_everything(self) -> None:
+        with self.lock:
+            self.stopping = True
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            self._finish_all(request)
+        if self.prefill is not None:
+            self._finish_all(self.prefill[0])
+            self.prefill = None
+        for seq in self.running.values():
+            seq.request.sink(Delta(seq.index, "", [], None, "cancelled"))
+        self.running.clear()

@@ -1,0 +1,221 @@
+"""OpenAI's request bodies in, typed requests out; a field that is missing, of the wrong type or out of range is an
+`APIError` (HTTP 400) that names it, in the shape OpenAI's errors take."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import SamplingParams
+
+
+class APIError(Exception):
+    """An error response: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+@dataclass
+class CommonOptions:
+    """What chat and text completions share."""
+
+    model: str | None
+    params: SamplingParams
+    max_tokens_given: bool
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class ChatRequest(CommonOptions):
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "auto"
+    json_object: bool = False
+
+
+@dataclass
+class CompletionRequest(CommonOptions):
+    prompts: list[str | list[int]] = field(default_factory=list)
+    echo: bool = False
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+class _Fields:
+    """Typed reads of a request body's fields, with OpenAI's ranges."""
+
+    def __init__(self, body: dict[str, Any]):
+        self.body = body
+
+    def get(self, name: str, kinds: tuple[type, ...], default: Any = None, what: str = "") -> Any:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        # bool is an int in Python, but not in JSON: true is no number
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise bad(
+                name, f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, not {value!r}"
+            )
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = float(self.get(name, (int, float), default, "a number"))
+        if not low <= value <= high:
+            raise bad(name, f"'{name}' must be between {low} and {high}, not {value}")
+        return value
+
+    def integer(self, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
+        value = self.get(name, (int,), default, "an integer")
+        if value is not None and (value < low or (high is not None and value > high)):
+            limit = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise bad(name, f"'{name}' must be {limit}, not {value}")
+        return value
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        return self.get(name, (bool,), default, "true or false")
+
+
+def _stop(fields: _Fields) -> tuple[str, ...]:
+    stop = fields.body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise bad("stop", "'stop' must be a non-empty string or a list of up to 16 non-empty strings")
+    return tuple(stop)
+
+
+def _common(fields: _Fields, default_max_tokens: int | None, max_n: int, logprobs: int | None) -> dict:
+    model = fields.get("model", (str,), None, "a string")
+    max_tokens = fields.integer("max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = fields.integer("max_tokens", None, 1)
+    options = fields.get("stream_options", (dict,), {}, "an object")
+    stream = fields.flag("stream")
+    if options and not stream:
+        raise bad("stream_options", "'stream_options' is only allowed with \"stream\": true")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad("stream_options", "'stream_options.include_usage' must be true or false")
+    params = SamplingParams(
+        max_tokens=max_tokens or default_max_tokens or 0,
+        temperature=fields.number("temperature", 1.0, 0.0, 2.0),
+        top_p=fields.number("top_p", 1.0, 0.0, 1.0),
+        seed=fields.integer("seed", None, -(2**63)),
+        stop=_stop(fields),
+        presence_penalty=fields.number("presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=fields.number("frequency_penalty", 0.0, -2.0, 2.0),
+        logprobs=logprobs,
+    )
+    if params.top_p == 0:
+        raise bad("top_p", "'top_p' must be greater than 0")
+    return dict(
+        model=model,
+        params=params,
+        max_tokens_given=max_tokens is not None,
+        n=fields.integer("n", 1, 1, max_n),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
+    from ..chat_template import validate_chat
+
+    fields = _Fields(body)
+    if "messages" not in body:
+        raise bad("messages", "'messages' is required: a list of {'role', 'content'} messages")
+    try:
+        messages = validate_chat(body["messages"])
+    except (ValueError, TypeError) as e:
+        raise bad("messages", str(e)) from e
+    top = fields.integer("top_logprobs", None, 0, 20)
+    wants = fields.flag("logprobs")
+    if top is not None and not wants:
+        raise bad("top_logprobs", "'top_logprobs' needs \"logprobs\": true")
+    tools = fields.get("tools", (list,), None, "a list of tools")
+    for i, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad("tools", f"tool {i} must be {{'type': 'function', 'function': {{'name': ..., ...}}}}")
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    names = {t["function"]["name"] for t in tools or []}
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or name not in names:
+            raise bad("tool_choice", f"'tool_choice' names no function among the tools: {choice!r}")
+    elif choice not in ("auto", "none", "required"):
+        raise bad("tool_choice", "'tool_choice' must be 'auto', 'none', 'required' or a named function")
+    elif choice == "required" and not tools:
+        raise bad("tool_choice", "'tool_choice' is 'required' but no tools were given")
+    response_format = fields.get("response_format", (dict,), {"type": "text"}, "an object")
+    kind = response_format.get("type")
+    if kind not in ("text", "json_object"):
+        raise bad("response_format", f"'response_format' type must be 'text' or 'json_object', not {kind!r}")
+    return ChatRequest(
+        **_common(fields, None, max_n, (top or 0) if wants else None),
+        messages=messages,
+        tools=tools if choice != "none" else None,
+        tool_choice=choice,
+        json_object=kind == "json_object",
+    )
+
+
+def parse_completion(body: dict[str, Any], max_n: int) -> CompletionRequest:
+    fields = _Fields(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad("prompt", "'prompt' must be a string, a list of strings, or token ids (a list, or lists)")
+    if body.get("suffix"):
+        raise bad("suffix", "'suffix' (fill in the middle) is not supported")
+    logprobs = fields.integer("logprobs", None, 0, 5)
+    return CompletionRequest(
+        **_common(fields, 16, max_n, logprobs),  # 16: OpenAI's default for completions
+        prompts=prompts,
+        echo=fields.flag("echo"),
+    )
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,358 @@
+"""The OpenAI-compatible server, for real: uvicorn on 127.0.0.1 with a free port, the bundled model, and the
+official ``openai`` client (or ``httpx`` for the error cases). Replies are checked against ``generate``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from chatlm import AutoTokenizer
+from chatlm.serving.app import create_app
+
+NAME = "smollm2"
+
+
+@contextlib.contextmanager
+def running_server(model, **options):
+    """The app on a free port of 127.0.0.1 in a thread; yields its base URL and the app."""
+    tok = AutoTokenizer.from_pretrained(None)
+    app = create_app(model, tok, NAME, **options)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        app.state.server.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(bundled_model):
+    with running_server(bundled_model) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def greedy_reply(model, messages, max_new_tokens: int) -> tuple[str, int, int]:
+    """(reply text, prompt tokens, reply tokens with the end token) of plain greedy generate: the oracle."""
+    tok = AutoTokenizer.from_pretrained(None)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=max_new_tokens)[0, ids.shape[1] :].tolist()
+    eos = set(model.generation_config.eos_token_ids)
+    end = next((i + 1 for i, t in enumerate(out) if t in eos), len(out))
+    return tok.decode(out[:end], skip_special_tokens=True), ids.shape[1], end
+
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Count from one to five.",
+    "What is two plus two?",
+    "Say hello in Spanish.",
+    "What do bees make?",
+    "Name a large ocean.",
+    "What is the opposite of hot?",
+    "Which planet is called red?",
+    "How many legs does a spider have?",
+    "What colour is the sky?",
+    "Name a fruit that is yellow.",
+    "What is ice made of?",
+    "Give me a word that rhymes with cat.",
+    "What is the first month of the year?",
+    "What animal says moo?",
+]
+
+
+def test_chat_completion_is_greedy_generate(client, bundled_model):
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    text, prompt_tokens, reply_tokens = greedy_reply(bundled_model, messages, 40)
+    r = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=40)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == text
+    assert choice.finish_reason == ("stop" if reply_tokens < 40 else "length")
+    assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == reply_tokens
+    assert r.object == "chat.completion" and r.model == NAME and r.id.startswith("chatcmpl-")
+
+
+def test_streaming_gives_the_same_text_and_usage(client, bundled_model):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTIONS[2]}]
+    text, prompt_tokens, reply_tokens = greedy_reply(bundled_model, messages, 30)
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=messages,
+        temperature=0,
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop" if reply_tokens < 30 else "length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply_tokens
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_greedy_reply(server, bundled_model):
+    """16 streaming clients at once share the batch (they join and leave it at different steps); each gets the
+    text it gets alone, and nobody errors."""
+    url, app = server
+    expected = [greedy_reply(bundled_model, [{"role": "user", "content": q}], 48)[0] for q in QUESTIONS]
+
+    def ask(question: str) -> str:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": question}],
+            temperature=0,
+            max_tokens=48,
+            stream=True,
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, QUESTIONS))
+    assert got == expected
+    metrics = httpx.get(url + "/metrics").text
+    assert "chatlm_running_sequences 0" in metrics
+
+
+def test_logprobs_are_the_models(client, bundled_model):
+    """Each token's log-probability and its top alternatives, against the model's own log-softmax."""
+    tok = AutoTokenizer.from_pretrained(None)
+    messages = [{"role": "user", "content": QUESTIONS[3]}]
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    entries = r.choices[0].logprobs.content
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    reply = bundled_model.generate(ids, max_new_tokens=8)[0, ids.shape[1] :]
+    with torch.no_grad():
+        full = torch.cat([ids[0], reply])[None]
+        logits = bundled_model(full).logits[0, ids.shape[1] - 1 : -1].log_softmax(-1)
+    assert len(entries) == len(reply)
+    for position, entry in enumerate(entries):
+        token = int(reply[position])
+        assert entry.token == tok.decode([token])
+        assert math.isclose(entry.logprob, float(logits[position, token]), abs_tol=1e-3)
+        best = torch.topk(logits[position], 3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-3)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely
+
+
+def test_stop_strings_max_tokens_and_n(client, bundled_model):
+    messages = [{"role": "user", "content": QUESTIONS[2]}]
+    text = greedy_reply(bundled_model, messages, 40)[0]
+    stop = text[10:14]
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=0, max_tokens=40, stop=[stop]
+    )
+    assert r.choices[0].message.content == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    sampled = [
+        client.chat.completions.create(
+            model=NAME, messages=messages, temperature=1.0, max_tokens=12, n=3, seed=5
+        ).choices
+        for _ in range(2)
+    ]
+    texts = [[c.message.content for c in choices] for choices in sampled]
+    assert texts[0] == texts[1]  # the same seed, the same samples
+    assert len(set(texts[0])) > 1  # the choices are different samples
+    assert [c.index for c in sampled[0]] == [0, 1, 2]
+
+
+def test_text_completions(server, bundled_model):
+    url, _ = server
+    tok = AutoTokenizer.from_pretrained(None)
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    expected = tok.decode(bundled_model.generate(ids, max_new_tokens=8)[0, ids.shape[1] :])
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    r = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=8, temperature=0, echo=True, logprobs=2
+    )
+    assert r.choices[0].text == prompt + expected
+    assert len(r.choices[0].logprobs.tokens) == 8 and r.usage.completion_tokens == 8
+    stream = client.completions.create(
+        model=NAME, prompt=[prompt, "One, two,"], max_tokens=8, temperature=0, stream=True
+    )
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts[0] == expected
+
+
+def test_models_health_and_metrics(server, client):
+    url, _ = server
+    assert [m.id for m in client.models.list()] == [NAME]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    metrics = httpx.get(url + "/metrics").text
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and line[0] != "#"
+    }
+    assert values["chatlm_requests_total"] > 0 and values["chatlm_generation_tokens_total"] > 0
+    assert values["chatlm_time_to_first_token_seconds_count"] > 0
+    assert "chatlm_queue_depth" in values and "chatlm_batch_size" in values
+
+
+def error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    return body
+
+
+def test_bad_requests_get_openai_errors(server):
+    url, _ = server
+    post = lambda body: httpx.post(url + "/v1/chat/completions", json=body)  # noqa: E731
+    chat = [{"role": "user", "content": "hi"}]
+    error(httpx.post(url + "/v1/chat/completions", content=b"{not json"), 400)
+    assert error(post({"messages": chat, "temperature": 5}), 400)["param"] == "temperature"
+    assert error(post({"messages": chat, "max_tokens": "ten"}), 400)["param"] == "max_tokens"
+    assert error(post({"messages": "hi"}), 400)["param"] == "messages"
+    assert error(post({}), 400)["param"] == "messages"
+    assert error(post({"messages": chat, "top_logprobs": 2}), 400)["param"] == "top_logprobs"
+    over = error(post({"messages": chat, "max_tokens": 10**6}), 400)
+    assert over["code"] == "context_length_exceeded" and "tokens over" in over["message"]
+    assert error(post({"model": "gpt-4o", "messages": chat}), 404)["code"] == "model_not_found"
+    error(httpx.get(url + "/v1/nothing"), 404)
+    error(httpx.post(url + "/v1/completions", json={"prompt": [10**9]}), 400)
+
+
+def test_api_key_body_limit_and_full_queue(bundled_model):
+    with running_server(bundled_model, api_key="sesame", max_batch=1, max_queue=1, max_body=2000) as (
+        url,
+        app,
+    ):
+        chat = {"messages": [{"role": "user", "content": "Count to a hundred."}], "max_tokens": 200}
+        error(httpx.post(url + "/v1/chat/completions", json=chat), 401)
+        error(
+            httpx.post(url + "/v1/chat/completions", json=chat, headers={"Authorization": "Bearer nope"}), 401
+        )
+        auth = {"Authorization": "Bearer sesame"}
+        error(httpx.get(url + "/v1/models"), 401)
+        assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
+        big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+        error(httpx.post(url + "/v1/chat/completions", json=big, headers=auth), 413)
+        engine = app.state.server.engine
+        with httpx.Client(timeout=60) as http:
+            with http.stream(
+                "POST", url + "/v1/chat/completions", json={**chat, "stream": True}, headers=auth
+            ) as first:
+                next(first.iter_lines())  # the first request holds the only row of the batch
+                waiting = threading.Thread(
+                    target=httpx.post,
+                    args=(url + "/v1/chat/completions",),
+                    kwargs=dict(json=chat, headers=auth, timeout=60),
+                )
+                waiting.start()
+                deadline = time.monotonic() + 10
+                while engine.queue_depth < 1:  # the second one waits in the queue
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                full = httpx.post(url + "/v1/chat/completions", json=chat, headers=auth)
+                assert error(full, 429)["code"] == "queue_full" and full.headers["retry-after"]
+            waiting.join(60)
+
+
+def test_a_client_that_leaves_frees_its_place(server):
+    """A streaming client that disconnects mid-reply cancels its generation: the batch empties at once, long
+    before max_tokens would have ended it."""
+    url, app = server
+    engine = app.state.server.engine
+    body = {
+        "messages": [{"role": "user", "content": "Write a long story about a river."}],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
+    before = engine.metrics.generated_tokens
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            for _ in range(5):
+                next(lines)
+            assert engine.running
+    deadline = time.monotonic() + 10
+    while engine.running:
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.02)
+    assert engine.metrics.generated_tokens - before < 200
+
+
+def test_serve_command_shuts_down_cleanly_on_sigterm(tmp_path):
+    """``chatlm serve`` in its own process: a streaming request is in flight when SIGTERM comes; the reply still
+    ends properly ([DONE]) and the process exits with status 0."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatlm", "serve", "--port", str(port), "--max-batch", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read().decode()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {
+            "messages": [{"role": "user", "content": "Name two colours."}],
+            "max_tokens": 40,
+            "stream": True,
+        }
+        lines = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if not lines:
+                    process.send_signal(signal.SIGTERM)
+                if line:  # events are separated by blank lines
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]"
+        reasons = [
+            json.loads(line[6:])["choices"][0]["finish_reason"]
+            for line in lines
+            if line.startswith("data: {")
+        ]
+        assert reasons[-1] in ("stop", "length")  # finished, not cut off
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
