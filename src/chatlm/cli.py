@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -433,13 +435,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     name = args.served_model_name or _model_name(args.model)
     app = create_app(
-        model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue
+        model,
+        tokenizer,
+        name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        engine_thread=False,
     )
+    engine = app.state.server.engine
+    # On SIGTERM or Ctrl-C, in-flight requests get 30 s to finish, then they are cancelled. HTTP runs on a thread
+    # and the engine on this one (see `Engine`), so the signals are ours to pass on to uvicorn.
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    )
+
+    def stop(*_) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    http = threading.Thread(target=server.run, name="chatlm-http")
+    http.start()
+    while not server.started and http.is_alive():
+        time.sleep(0.05)
+    if not http.is_alive():
+        engine.shutdown()
+        raise OSError(f"could not serve on {args.host}:{args.port}")
     print(f"chatlm: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    # On SIGTERM or Ctrl-C, in-flight requests get 30 s to finish; then they are cancelled. uvicorn raises the
-    # signal again once it has shut down: a SIGTERM that ended a clean shutdown is then no error (exit status 0).
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    engine.run()  # until the app's lifespan ends: uvicorn has finished with its connections
+    http.join()
     return 0
 
 

@@ -496,10 +496,11 @@ def create_app(
     max_batch: int = 16,
     max_queue: int = 64,
     max_body: int = MAX_BODY_BYTES,
+    engine_thread: bool = True,
 ) -> FastAPI:
-    """The OpenAI-compatible app around one model. Its engine thread starts here and stops with the app's
-    lifespan (or `app.state.server.engine.shutdown()`)."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    """The OpenAI-compatible app around one model. Its engine's thread starts here (``engine_thread=False``:
+    the caller runs ``app.state.server.engine.run()`` itself) and stops with the app's lifespan."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, start=engine_thread)
     server = Server(model, tokenizer, model_name, api_key, engine, max_body)
 
     @contextlib.asynccontextmanager
@@ -545,7 +546,7 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        if engine.error is not None or not engine.thread.is_alive():
+        if engine.error is not None or not engine.alive:
             return JSONResponse({"status": "error", "detail": repr(engine.error)}, status_code=503)
         return {"status": "ok"}
 

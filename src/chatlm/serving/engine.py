@@ -101,6 +101,7 @@ class Sequence:
         self.processors = make_processors(config)
         penalised = params.presence_penalty or params.frequency_penalty
         self.counts = torch.zeros(vocab) if penalised else None
+        self.plain_greedy = self.generator is None and not penalised and params.logprobs is None
 
     def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """The next token from the raw logits (vocab,): OpenAI's presence and frequency penalties over the tokens
@@ -151,8 +152,12 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 64,
         prefill_chunk: int = 512,
-        busy_prefill_chunk: int = 128,
+        busy_prefill_chunk: int = 256,
+        start: bool = True,
     ):
+        """``start=False``: the caller runs the loop itself with `run` (``chatlm serve`` does, on the main thread:
+        there OpenMP's workers spin between the many small parallel regions of a decoding step; a second thread
+        with a team of its own makes libgomp throttle that spinning, and a step takes up to twice as long)."""
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.busy_prefill_chunk = prefill_chunk, busy_prefill_chunk
@@ -167,8 +172,11 @@ class Engine:
         self.wake = threading.Event()
         self.stopping = False
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="chatlm-engine", daemon=True)
-        self.thread.start()
+        self.alive = False
+        self.thread: threading.Thread | None = None
+        if start:
+            self.thread = threading.Thread(target=self.run, name="chatlm-engine", daemon=True)
+            self.thread.start()
 
     # -- called from the handlers' threads -------------------------------------------------------------
 
@@ -193,7 +201,8 @@ class Engine:
         with self.lock:
             self.stopping = True
         self.wake.set()
-        self.thread.join(timeout)
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
 
     @property
     def queue_depth(self) -> int:
@@ -201,7 +210,9 @@ class Engine:
 
     # -- the worker --------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The worker's loop, until `shutdown`."""
+        self.alive = True
         try:
             with torch.inference_mode():
                 while not self.stopping:
@@ -216,6 +227,7 @@ class Engine:
             self.error = error
             raise
         finally:
+            self.alive = False
             self._cancel_everything()
 
     def _drop_cancelled(self) -> None:
@@ -238,16 +250,31 @@ class Engine:
             request.sink(Delta(index, "", [], None, "cancelled"))
 
     def _prefill_step(self) -> None:
+        """Prefill for one loop turn, within a token budget (smaller while others decode, so that their steps are
+        not held up long): the waiting prompts that fit it together, in one batch; or one chunk of a prompt longer
+        than the budget."""
+        budget = self.busy_prefill_chunk if self.running else self.prefill_chunk
         if self.prefill is None:
+            group: list[Request] = []
             with self.lock:
-                if not self.waiting or self.max_batch - len(self.running) < self.waiting[0].n:
-                    return
-                request = self.waiting.popleft()
+                free, tokens = self.max_batch - len(self.running), 0
+                while self.waiting and self.waiting[0].n <= free:
+                    head = self.waiting[0]
+                    if group and tokens + len(head.prompt) > budget:
+                        break
+                    group.append(self.waiting.popleft())
+                    free, tokens = free - head.n, tokens + len(head.prompt)
+                    if tokens > budget:  # a long prompt: alone, a chunk per turn
+                        break
                 self.metrics.waiting = len(self.waiting)
-            self.prefill = (request, self.model.new_cache(1, len(request.prompt)), 0)
+            if not group:
+                return
+            if len(group) > 1 or tokens <= budget:
+                self._prefill_together(group)
+                return
+            self.prefill = (group[0], self.model.new_cache(1, len(group[0].prompt)), 0)
         request, cache, done = self.prefill
-        chunk = self.busy_prefill_chunk if self.running else self.prefill_chunk
-        tokens = torch.tensor([request.prompt[done : done + chunk]], device=self.model.device)
+        tokens = torch.tensor([request.prompt[done : done + budget]], device=self.model.device)
         logits = self.model(tokens, past_key_values=cache, logits_to_keep=1).logits[0, -1]
         done += tokens.shape[1]
         if done < len(request.prompt):
@@ -255,9 +282,35 @@ class Engine:
             return
         self.prefill = None
         self.metrics.prompt_tokens += len(request.prompt)
-        self._start(request, cache, logits)
+        keys = [k[0, :, : cache.offset] for k in cache.keys]
+        values = [v[0, :, : cache.offset] for v in cache.values]
+        self._start(request, keys, values, logits)
 
-    def _start(self, request: Request, cache, logits: torch.Tensor) -> None:
+    def _prefill_together(self, group: list[Request]) -> None:
+        """Short prompts in one forward pass, left-padded, each then moved to rows of the batch."""
+        width = max(len(r.prompt) for r in group)
+        device = self.model.device
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        for j, request in enumerate(group):
+            ids[j, width - len(request.prompt) :] = torch.tensor(request.prompt)
+            mask[j, width - len(request.prompt) :] = 1
+        cache = self.model.new_cache(len(group), width)
+        logits = self.model(
+            ids,
+            attention_mask=mask if len(group) > 1 else None,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        for j, request in enumerate(group):
+            start = width - len(request.prompt)
+            self.metrics.prompt_tokens += len(request.prompt)
+            keys = [k[j, :, start:width] for k in cache.keys]
+            values = [v[j, :, start:width] for v in cache.values]
+            self._start(request, keys, values, logits[j])
+
+    def _start(self, request: Request, keys: list, values: list, logits: torch.Tensor) -> None:
         """The prompt is prefilled: its choices take free rows, each with its first token."""
         if self.batch is None:
             self.batch = RaggedCache(self.model, 0, len(request.prompt) + 64)
@@ -265,8 +318,6 @@ class Engine:
         if len(free) < request.n:
             self.batch.add_rows(request.n - len(free))
             free = [row for row in range(self.batch.rows) if row not in self.running]
-        keys = [k[0, :, : cache.offset] for k in cache.keys]
-        values = [v[0, :, : cache.offset] for v in cache.values]
         self.metrics.first_token(time.monotonic() - request.arrived)
         finished = []
         for index, row in zip(range(request.n), free):
@@ -289,8 +340,13 @@ class Engine:
         for row, seq in self.running.items():
             fed[row, 0], real[row, 0] = seq.tokens[-1], True
         logits = batch.forward(fed, real)[:, 0]
+        best = logits.argmax(-1).tolist()  # the plain greedy rows' tokens, all at once
         stepped = len(self.running)
-        finished = [row for row, seq in self.running.items() if self._emit(seq, *seq.choose(logits[row]))]
+        finished = [
+            row
+            for row, seq in self.running.items()
+            if self._emit(seq, *((best[row], None) if seq.plain_greedy else seq.choose(logits[row])))
+        ]
         self._free_rows(finished)
         self.metrics.decode_step(stepped, time.perf_counter() - started)
 
