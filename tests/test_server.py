@@ -28,9 +28,11 @@ NAME = "smollm2"
 
 
 @contextlib.contextmanager
-def running_server(model, **options):
+def running_server(model, chat_template: str | None = None, **options):
     """The app on a free port of 127.0.0.1 in a thread; yields its base URL and the app."""
     tok = AutoTokenizer.from_pretrained(None)
+    if chat_template is not None:
+        tok.chat_template = chat_template
     app = create_app(model, tok, NAME, **options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -283,6 +285,101 @@ def test_api_key_body_limit_and_full_queue(bundled_model):
                 full = httpx.post(url + "/v1/chat/completions", json=chat, headers=auth)
                 assert error(full, 429)["code"] == "queue_full" and full.headers["retry-after"]
             waiting.join(60)
+
+
+def test_json_object_replies_are_json(client):
+    """response_format json_object: the reply is always the beginning of one JSON object, and the whole object
+    exactly when it ends with "stop" (greedy here), whether greedy or sampled."""
+    from chatlm.serving.json_mode import JsonPrefix
+
+    messages = [{"role": "user", "content": "Describe a cat as a JSON object with the keys name and age."}]
+    for options in (dict(temperature=0), dict(temperature=1.0, seed=1), dict(temperature=1.0, seed=2)):
+        r = client.chat.completions.create(
+            model=NAME, messages=messages, response_format={"type": "json_object"}, max_tokens=120, **options
+        )
+        content, reason = r.choices[0].message.content, r.choices[0].finish_reason
+        state = JsonPrefix()
+        assert state.feed(content), content
+        assert state.complete == (reason == "stop"), (content, reason)
+        if "seed" not in options:
+            assert reason == "stop" and isinstance(json.loads(content), dict)
+    plain = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=20)
+    assert not plain.choices[0].message.content.lstrip().startswith("{")  # unconstrained, it writes prose
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"The {what} in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    for name, what in (("get_weather", "weather"), ("get_time", "local time"))
+]
+
+
+@pytest.fixture(scope="module")
+def tools_url(bundled_model, shared_dir):
+    """The bundled model behind Qwen 2.5's chat template (tool calls between <tool_call> tags)."""
+    template = (shared_dir / "chat_templates" / "templates_public" / "qwen2.5-7b-instruct.jinja").read_text()
+    with running_server(bundled_model, chat_template=template) as (url, _):
+        yield url
+
+
+def test_tool_choice_named_and_none(tools_url, bundled_model):
+    client = openai.OpenAI(base_url=tools_url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What time is it in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, tools=TOOLS, tool_choice=named, temperature=0, max_tokens=200
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_time" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments), dict)
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=messages,
+        tools=TOOLS,
+        tool_choice=named,
+        temperature=0,
+        max_tokens=200,
+        stream=True,
+    )
+    chunks = [c for c in stream if c.choices]
+    calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert [(t.function.name, t.function.arguments) for t in calls] == [("get_time", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # "none": the tools stay out of the prompt
+    tok = AutoTokenizer.from_pretrained(None)
+    tok.chat_template = AutoTokenizer.from_pretrained(None).chat_template
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=5
+    )
+    with_tools = client.chat.completions.create(
+        model=NAME, messages=messages, tools=TOOLS, temperature=0, max_tokens=5
+    )
+    assert r.usage.prompt_tokens < with_tools.usage.prompt_tokens
+    assert r.choices[0].message.tool_calls is None
+
+
+def test_tool_choice_needs_a_tool_format(client):
+    """The bundled model's own template has no tool-call syntax: forcing a call is refused, clearly."""
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "hi"}],
+            tools=TOOLS,
+            tool_choice="required",
+            max_tokens=5,
+        )
 
 
 def test_a_client_that_leaves_frees_its_place(server):

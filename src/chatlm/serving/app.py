@@ -199,34 +199,29 @@ async def chat_completions(server: Server, http: Request) -> Any:
     server.authorize(http)
     req = parse_chat(await server.body(http), max_n=server.engine.max_batch)
     server.check_model(req.model)
-    if req.json_object:
-        raise APIError(
-            400,
-            "response_format 'json_object' is not supported yet",
-            param="response_format",
-            code="unsupported",
-        )
-    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
-        raise APIError(
-            400,
-            "tool_choice 'required' and named functions are not supported yet; use 'auto'",
-            param="tool_choice",
-            code="unsupported",
-        )
     tok = server.tokenizer
+    reply_format = _reply_format(tok, req.tools)
+    forced = _forced_tool_call(reply_format, req.tool_choice) if req.tools else ""
     try:
-        prompt = tok.apply_chat_template(
-            req.messages, tools=req.tools, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        if forced:  # the reply starts with the opening of a call: the prompt text goes on with it
+            text = tok.apply_chat_template(
+                req.messages, tools=req.tools, add_generation_prompt=True, tokenize=False
+            )
+            prompt = tok(text + forced, add_special_tokens=False)["input_ids"]
+        else:
+            prompt = tok.apply_chat_template(
+                req.messages, tools=req.tools, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
     except (ValueError, TypeError) as e:
         raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+    if forced:  # the call's JSON must be complete and valid
+        req.params.json_object, req.params.json_prefix = True, _json_part(forced)
     server.fit(req.params, req.max_tokens_given, len(prompt))
-    reply_format = _reply_format(tok, req.tools)
     prefix = tok.decode(prompt, skip_special_tokens=False) if not reply_format.is_plain else ""
     job = Job(server.engine, prompt, req.params, req.n, skip_special=reply_format.is_plain)
     ident, created = new_id("chatcmpl"), int(time.time())
     if req.stream:
-        chunks = _chat_stream(server, req, job, ident, created, len(prompt), reply_format, prefix)
+        chunks = _chat_stream(server, req, job, ident, created, len(prompt), reply_format, prefix, forced)
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
@@ -246,8 +241,8 @@ async def chat_completions(server: Server, http: Request) -> Any:
         message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
         reason = reasons[i] or "abort"
         if not reply_format.is_plain:
-            parser = ReplyParser(reply_format, prefix=prefix)
-            parser.feed(texts[i])
+            parser = ReplyParser(reply_format, prefix=prefix[: len(prefix) - len(forced)])
+            parser.feed(forced + texts[i])
             parser.finish()
             parsed = parser.message
             message["content"] = parsed["content"]
@@ -280,6 +275,45 @@ async def chat_completions(server: Server, http: Request) -> Any:
     }
 
 
+# How each tool-call syntax opens a call, up to the function's name; where its JSON starts.
+_FORCED_OPENINGS = {
+    "hermes": '<tool_call>\n{"name": "',
+    "mistral": '[TOOL_CALLS][{"name": "',
+    "granite": '<|tool_call|>[{"name": "',
+    "llama3_json": '{"name": "',
+    "json": '{"name": "',
+}
+_ARGUMENTS_KEY = {"llama3_json": "parameters"}
+
+
+def _json_part(forced: str) -> str:
+    """The JSON that a forced call's opening begins: a list of calls ("[{") or one call ("{")."""
+    start = forced.find("[{")
+    return forced[start:] if start >= 0 else forced[forced.index("{") :]
+
+
+def _forced_tool_call(reply_format: ReplyFormat, choice) -> str:
+    """``tool_choice`` "required" or a named function: the text the reply is made to start with (the call's
+    opening, and the name when it is given); the rest of the call is kept valid JSON as it is generated."""
+    if choice in ("auto", "none"):
+        return ""
+    syntax = reply_format.tool_calls
+    if syntax is None or syntax.name not in _FORCED_OPENINGS:
+        kind = syntax.name if syntax else "none"
+        raise APIError(
+            400,
+            f"tool_choice {choice!r} needs a model whose tool calls chatlm can start itself; this model's format "
+            f"is {kind!r} (use 'auto')",
+            param="tool_choice",
+            code="unsupported",
+        )
+    opening = _FORCED_OPENINGS[syntax.name]
+    if choice == "required":
+        return opening
+    key = _ARGUMENTS_KEY.get(syntax.name, "arguments")
+    return f'{opening}{choice["function"]["name"]}", "{key}": {{'
+
+
 def _reply_format(tokenizer, tools) -> ReplyFormat:
     try:
         template = tokenizer.get_chat_template(None, tools)
@@ -297,6 +331,7 @@ async def _chat_stream(
     prompt_tokens: int,
     reply_format: ReplyFormat,
     prefix: str,
+    forced: str,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], **extra) -> str:
         body = {
@@ -315,8 +350,14 @@ async def _chat_stream(
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     parsers = [
-        ReplyParser(reply_format, prefix=prefix) if not reply_format.is_plain else None for _ in range(req.n)
+        ReplyParser(reply_format, prefix=prefix[: len(prefix) - len(forced)])
+        if not reply_format.is_plain
+        else None
+        for _ in range(req.n)
     ]
+    for parser in parsers:
+        if parser is not None and forced:
+            parser.feed(forced)  # inside a call: nothing to send before it completes
     calls = [0] * req.n
     generated = 0
     for i in range(req.n):

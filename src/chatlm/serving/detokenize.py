@@ -34,6 +34,11 @@ class TextStream:
         self._advance(force=False)
         return self._release()
 
+    def peek(self, token: int) -> str:
+        """The text that ``token`` would add after the text decoded so far (without taking it)."""
+        before = self._decode(self.tokens[self.prefix : self.read])
+        return self._decode(self.tokens[self.prefix :] + [token])[len(before) :]
+
     def finish(self) -> str:
         """Everything not handed out yet (the sequence ended)."""
         self._advance(force=True)

@@ -25,6 +25,7 @@ from ..generation.config import GenerationConfig
 from ..generation.ragged_cache import RaggedCache
 from ..generation.sampling import make_processors
 from .detokenize import TextStream
+from .json_mode import JsonPrefix
 from .metrics import Metrics
 
 
@@ -38,6 +39,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+    json_object: bool = False  # the reply is one JSON object (response_format json_object)
+    json_prefix: str = ""  # JSON the prompt already began (a forced tool call's opening): the reply goes on
 
 
 @dataclass
@@ -101,7 +104,14 @@ class Sequence:
         self.processors = make_processors(config)
         penalised = params.presence_penalty or params.frequency_penalty
         self.counts = torch.zeros(vocab) if penalised else None
-        self.plain_greedy = self.generator is None and not penalised and params.logprobs is None
+        self.json = None
+        if params.json_object:
+            self.json = JsonPrefix(arrays=params.json_prefix.startswith("["))
+            self.json.feed(params.json_prefix)
+        self.json_read = 0  # characters of the decoded text the JSON state has read
+        self.plain_greedy = (
+            self.generator is None and not penalised and params.logprobs is None and self.json is None
+        )
 
     def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """The next token from the raw logits (vocab,): OpenAI's presence and frequency penalties over the tokens
@@ -114,7 +124,9 @@ class Sequence:
             )
         for process in self.processors:
             scores = process(None, scores)
-        if self.generator is None:
+        if self.json is not None:
+            token = self._json_token(scores[0])
+        elif self.generator is None:
             token = int(scores.argmax())
         else:
             token = int(torch.multinomial(scores.softmax(-1)[0], 1, generator=self.generator))
@@ -127,6 +139,37 @@ class Sequence:
             logprob = TokenLogprob(token, float(logprobs[token]), pairs)
         return token, logprob
 
+    def _json_token(self, scores: torch.Tensor) -> int:
+        """The model's choice among the tokens that keep the reply a JSON object's prefix: the most likely such
+        token, or a draw from the distribution with the others left out (drawn again without a token that breaks
+        the JSON). End of sequence only once the object is complete."""
+        if self.generator is None:
+            order = torch.argsort(scores, descending=True).tolist()
+        else:
+            probs = scores.softmax(-1)
+            order = []
+            for _ in range(32):
+                if float(probs.sum()) <= 0:
+                    break
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
+                if self._keeps_json(token):
+                    return token
+                probs[token] = 0
+            order = torch.argsort(probs if float(probs.sum()) > 0 else scores, descending=True).tolist()
+        for token in order:
+            if self._keeps_json(token):
+                return token
+        return next(iter(self.eos), order[0])  # nothing continues the JSON: end here
+
+    def _keeps_json(self, token: int) -> bool:
+        if token in self.eos:
+            return self.json.complete
+        text = self.text.peek(token)
+        state = self.json.copy()
+        if text.endswith("\ufffd"):  # a character split across tokens: only inside a string
+            return state.feed(text.rstrip("\ufffd")) and state.in_string
+        return bool(text) and state.feed(text)
+
     def add(self, token: int, logprob: TokenLogprob | None) -> Delta:
         """Take the chosen token; the delta says whether the choice is finished."""
         self.tokens.append(token)
@@ -137,8 +180,12 @@ class Sequence:
             reason, text = "stop", self.text.finish()
         else:
             text = self.text.add(token)
-            if self.text.stopped:
+            if self.json is not None:
+                self.json.feed(self.text.text[self.json_read :])
+                self.json_read = len(self.text.text)
+            if self.text.stopped or (self.json is not None and self.json.complete):
                 reason = "stop"
+                text += self.text.finish()
             elif len(self.tokens) >= self.params.max_tokens:
                 reason, text = "length", text + self.text.finish()
         return Delta(self.index, text, [token], [logprob] if logprob else None, reason)

@@ -183,8 +183,10 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
     kind = response_format.get("type")
     if kind not in ("text", "json_object"):
         raise bad("response_format", f"'response_format' type must be 'text' or 'json_object', not {kind!r}")
+    common = _common(fields, None, max_n, (top or 0) if wants else None)
+    common["params"].json_object = kind == "json_object"
     return ChatRequest(
-        **_common(fields, None, max_n, (top or 0) if wants else None),
+        **common,
         messages=messages,
         tools=tools if choice != "none" else None,
         tool_choice=choice,
