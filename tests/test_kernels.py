@@ -235,10 +235,17 @@ def test_fused_decode_layer_matches_the_modules(tmp_path, monkeypatch, variant, 
     if not all(plans):
         assert bits == 4, "int8 layers always fuse where the kernels are built"
         pytest.skip("this CPU has no native int4 kernel (AVX-512): the modules run every layer")
-    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=gen(16))
-    options = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    ids = torch.randint(3, model.config.vocab_size, (3, 9), generator=gen(16))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # rows of different lengths: each attends from its own first slot (row starts)
+    options = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True, attention_mask=mask)
+    with_starts = []
+    run = fused_llama.LayerPlan.run
+    monkeypatch.setattr(
+        fused_llama.LayerPlan, "run", lambda self, *a: with_starts.append(a[-1] is not None) or run(self, *a)
+    )
     fused = model.generate(ids, **options)
-    assert all(model.__dict__["_plans"])  # every layer ran natively
+    assert all(model.__dict__["_plans"]) and any(with_starts)  # every layer ran natively, padded rows too
 
     monkeypatch.setattr(fused_llama, "plan", lambda layer: None)
     model.__dict__.pop("_plans")

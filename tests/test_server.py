@@ -382,6 +382,45 @@ def test_tool_choice_needs_a_tool_format(client):
         )
 
 
+def test_long_prompts_are_prefilled_in_chunks_between_decoding_steps(bundled_model):
+    """The engine on its own: while a long prompt is prefilled (256 tokens a turn while others decode), the
+    running sequence gets a token every turn; both replies are plain greedy decoding's."""
+    from chatlm.serving.engine import Engine, Request, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(None)
+    engine = Engine(bundled_model, tok, busy_prefill_chunk=256)
+    events: list[str] = []
+    done = {"a": threading.Event(), "b": threading.Event()}
+    tokens = {"a": [], "b": []}
+
+    def sink(name):
+        def take(delta):
+            events.append(name)
+            tokens[name] += delta.token_ids
+            if delta.finish_reason:
+                done[name].set()
+
+        return take
+
+    short = tok("The river flows", add_special_tokens=False)["input_ids"]
+    long = tok(" ".join(["the river Danube flows to the sea"] * 150), add_special_tokens=False)["input_ids"]
+    assert len(long) > 1000
+    try:
+        engine.submit(Request(short, SamplingParams(max_tokens=60, temperature=0), sink("a")))
+        while len(events) < 3:
+            time.sleep(0.005)
+        submitted = len(events)
+        engine.submit(Request(long, SamplingParams(max_tokens=6, temperature=0), sink("b")))
+        assert done["a"].wait(120) and done["b"].wait(120)
+    finally:
+        engine.shutdown()
+    during = events[submitted : events.index("b")]
+    assert during.count("a") >= len(long) // 256  # one token of "a" per chunk of "b"
+    for name, prompt, n in (("a", short, 60), ("b", long, 6)):
+        expected = bundled_model.generate(torch.tensor([prompt]), max_new_tokens=n)[0, len(prompt) :].tolist()
+        assert tokens[name] == expected[: len(tokens[name])] and len(tokens[name]) == len(expected)
+
+
 def test_a_client_that_leaves_frees_its_place(server):
     """A streaming client that disconnects mid-reply cancels its generation: the batch empties at once, long
     before max_tokens would have ended it."""

@@ -104,6 +104,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
         D,
         strides[0],
         strides[1],
+        None,
         D**-0.5 if scale is None else scale,
         _addr(out),
     )
@@ -132,11 +133,13 @@ def decode_attention(
     v_cache: torch.Tensor,
     offset: int,
     scale: float | None,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """One decoding step of attention after the projections, in one call: rope on q (B, heads, 1, D) and k (B,
     kv_heads, 1, D) with tables (B, 1, rotary), k and v written into the caches (B, kv_heads, capacity, D) at slot
-    ``offset``, attention over slots 0..offset without a mask. Returns (B, 1, heads * D) in q's dtype, as
-    ``apply_rope``, ``KVCache.update`` and ``attention`` would (to float rounding)."""
+    ``offset``, attention over slots 0..offset without a mask (or, with ``starts`` (B,) int64, row b over slots
+    starts[b]..offset). Returns (B, 1, heads * D) in q's dtype, as ``apply_rope``, ``KVCache.update`` and
+    ``attention`` would (to float rounding)."""
     B, H, T, D = q.shape
     dtype = q.dtype
     if (
@@ -154,6 +157,10 @@ def decode_attention(
         or k_cache.shape != v_cache.shape
         or offset >= k_cache.shape[2]
         or H % k.shape[1]
+        or (
+            starts is not None
+            and (starts.dtype != torch.int64 or starts.shape != (B,) or not starts.is_contiguous())
+        )
         or not _usable(q, k, v, cos, k_cache)
     ):
         return None
@@ -174,6 +181,7 @@ def decode_attention(
         _addr(v_cache),
         k_cache.shape[2],
         offset,
+        _addr(starts) if starts is not None else None,
         int(dtype == torch.bfloat16),
         B,
         H,

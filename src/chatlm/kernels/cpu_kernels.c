@@ -221,18 +221,20 @@ static void weighted_rows(const float *p, int64_t length, const void *base, int 
  * For bfloat16 the softmax weights are rounded to bfloat16 before they meet v, as in torch's own kernel. */
 void chatlm_attend_one(const float *q, const void *k, const void *v, int kv_bf16, int64_t batch, int64_t heads,
                        int64_t kv_heads, int64_t length, int64_t d, const int64_t *k_strides,
-                       const int64_t *v_strides, float scale, float *out) {
-    const int64_t group = heads / kv_heads;
+                       const int64_t *v_strides, const int64_t *starts, float scale, float *out) {
+    const int64_t group = heads / kv_heads, full_length = length;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * (size_t)(length + d));
-        float *acc = scores + length;
+        float *scores = malloc(sizeof(float) * (size_t)(full_length + d));
+        float *acc = scores + full_length;
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < batch * heads; bh++) {
             const int64_t b = bh / heads, kvh = (bh % heads) / group;
             const float *qh = q + bh * d;
-            const int64_t k_base = b * k_strides[0] + kvh * k_strides[1];
-            const int64_t v_base = b * v_strides[0] + kvh * v_strides[1];
+            /* a row's keys may start later (`starts`: the slots before are another row's, or padding) */
+            const int64_t first = starts ? starts[b] : 0, length = full_length - first;
+            const int64_t k_base = b * k_strides[0] + kvh * k_strides[1] + first * k_strides[2];
+            const int64_t v_base = b * v_strides[0] + kvh * v_strides[1] + first * v_strides[2];
             int64_t s = 0;
 #ifdef WIDTH
             if (d % WIDTH == 0)
@@ -344,8 +346,8 @@ static void store_row(const float *values, void *base, int is_bf16, int64_t at, 
 void chatlm_decode_attention(const void *q, int64_t q_bstride, const void *k, int64_t k_bstride, const void *v,
                              int64_t v_bstride, const void *cos, const void *sin, int64_t t_bstride,
                              int tables_f32, int64_t rotary, void *k_cache, void *v_cache, int64_t capacity,
-                             int64_t offset, int is_bf16, int64_t batch, int64_t heads, int64_t kv_heads,
-                             int64_t d, float scale, void *out) {
+                             int64_t offset, const int64_t *starts, int is_bf16, int64_t batch, int64_t heads,
+                             int64_t kv_heads, int64_t d, float scale, void *out) {
     const int64_t cache_strides[3] = {kv_heads * capacity * d, capacity * d, d};
     float *qf = malloc(sizeof(float) * (size_t)(2 * batch * heads * d + d));
     float *attended = qf + batch * heads * d, *row = attended + batch * heads * d;
@@ -364,7 +366,7 @@ void chatlm_decode_attention(const void *q, int64_t q_bstride, const void *k, in
         }
     }
     chatlm_attend_one(qf, k_cache, v_cache, is_bf16, batch, heads, kv_heads, offset + 1, d, cache_strides,
-                      cache_strides, scale, attended);
+                      cache_strides, starts, scale, attended);
     store_row(attended, out, is_bf16, 0, batch * heads * d);
     free(qf);
 }
@@ -480,14 +482,14 @@ static void linear_rows(const chatlm_linear *l, const float *x, int64_t m, float
 /* One decoding step of a Llama decoder layer (pre-norm attention and SwiGLU MLP with residuals), float32
  * activations, in one call: one new token per row, or `tokens` new tokens of a single row (batch 1: speculative
  * decoding checks its guesses so), causal among themselves. x (batch * tokens, hidden) is updated in place; the
- * caches get the new keys and values from slot `offset` on. The same operations in the same order as the module path (llama.py), each through the
+ * caches get the new keys and values from slot `offset` on; row b attends to slots starts[b]..offset (NULL: 0). The same operations in the same order as the module path (llama.py), each through the
  * kernels above. */
 void chatlm_llama_decode_layer(float *x, int64_t batch, int64_t tokens, int64_t hidden, const float *norm1,
                                const float *norm2,
                                float eps, const chatlm_linear *proj /* q, k, v, o, gate, up, down */,
                                const float *cos, const float *sin, int64_t rotary, float *k_cache, float *v_cache,
-                               int64_t capacity, int64_t offset, int64_t heads, int64_t kv_heads, int64_t d,
-                               float scale) {
+                               int64_t capacity, int64_t offset, const int64_t *starts, int64_t heads,
+                               int64_t kv_heads, int64_t d, float scale) {
     const int64_t qd = heads * d, kvd = kv_heads * d, inter = proj[4].n;
     batch *= tokens; /* rows */
     float *h = malloc(sizeof(float) * (size_t)(batch * (hidden + qd + 2 * kvd + qd + hidden + 2 * inter)));
@@ -499,12 +501,12 @@ void chatlm_llama_decode_layer(float *x, int64_t batch, int64_t tokens, int64_t 
     linear_rows(&proj[2], h, batch, v);
     if (tokens == 1)
         chatlm_decode_attention(q, qd, k, kvd, v, kvd, cos, sin, rotary, 1, rotary, k_cache, v_cache, capacity,
-                                offset, 0, batch, heads, kv_heads, d, scale, attn);
+                                offset, starts, 0, batch, heads, kv_heads, d, scale, attn);
     else /* one row: token t sees the cache and tokens 0..t, written just before it attends */
         for (int64_t t = 0; t < tokens; t++)
             chatlm_decode_attention(q + t * qd, qd, k + t * kvd, kvd, v + t * kvd, kvd, cos + t * rotary,
-                                    sin + t * rotary, rotary, 1, rotary, k_cache, v_cache, capacity, offset + t, 0,
-                                    1, heads, kv_heads, d, scale, attn + t * qd);
+                                    sin + t * rotary, rotary, 1, rotary, k_cache, v_cache, capacity, offset + t,
+                                    starts, 0, 1, heads, kv_heads, d, scale, attn + t * qd);
     linear_rows(&proj[3], attn, batch, o);
     for (int64_t i = 0; i < batch * hidden; i++) x[i] += o[i];
     chatlm_rms_norm(x, norm2, 0, batch, hidden, eps, h);

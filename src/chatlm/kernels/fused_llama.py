@@ -73,9 +73,17 @@ class LayerPlan:
         )
 
     def run(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache, v_cache, offset: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache,
+        v_cache,
+        offset: int,
+        starts: torch.Tensor | None = None,
     ) -> None:
-        """x (B, T, hidden) float32 with B == 1 or T == 1, updated in place; cos and sin (B, T, rotary) float32."""
+        """x (B, T, hidden) float32 with B == 1 or T == 1, updated in place; cos and sin (B, T, rotary) float32;
+        ``starts`` (B,) int64: row b's keys begin at that slot (a batch whose rows hold different lengths)."""
         native.library().chatlm_llama_decode_layer(
             x.data_ptr(),
             x.shape[0],
@@ -92,6 +100,7 @@ class LayerPlan:
             v_cache.data_ptr(),
             k_cache.shape[2],
             offset,
+            starts.data_ptr() if starts is not None else None,
             self.heads,
             self.kv_heads,
             self.head_dim,

@@ -41,7 +41,7 @@ _state: dict[str, object] = {}
 _i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {
     "chatlm_q8_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
-    "chatlm_attend_one": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32, _ptr],
+    "chatlm_attend_one": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr],
     "chatlm_rms_norm": [_ptr, _ptr, _int, _i64, _i64, _f32, _ptr],
     "chatlm_q4_torch_layout_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _int, _i64, _i64, _ptr],
     "chatlm_has_int4_kernel": [],
@@ -61,9 +61,9 @@ SIGNATURES = {
         _ptr,
         _i64,
     ]
-    + [_i64, _i64, _i64, _i64, _f32],
+    + [_i64, _ptr, _i64, _i64, _i64, _f32],
     "chatlm_decode_attention": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _i64, _ptr, _ptr]
-    + [_i64, _i64, _int, _i64, _i64, _i64, _i64, _f32, _ptr],
+    + [_i64, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _f32, _ptr],
 }
 
 

@@ -171,9 +171,24 @@ def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.
 
 class AttentionMasks(dict):
     """Masks by attention type; ``plain_causal`` when every one is plain causal attention (no padding and no
-    sliding window cut in), whether or not it had to be written out as a tensor."""
+    sliding window cut in), whether or not it had to be written out as a tensor. ``row_starts`` (B,) when one
+    new token per row attends, in every attention type, to one run of slots from row_starts[b] to itself (rows of
+    different lengths, as a server's batch holds them): native kernels take that instead of the mask."""
 
     plain_causal = False
+    row_starts: torch.Tensor | None = None
+
+
+def _row_starts(padding: torch.Tensor) -> torch.Tensor | None:
+    """Per row, the first slot of its keys, if each row's real slots are one run up to the new token's; a row
+    whose new token is padding sees only itself (as the mask makes it). None if a row has holes."""
+    length = padding.shape[1]
+    last = padding[:, -1]
+    first = padding.to(torch.uint8).argmax(-1)
+    one_run = padding.sum(-1) == length - first
+    if not bool((one_run | ~last).all()):
+        return None
+    return torch.where(last, first, length - 1).to(torch.int64).contiguous()
 
 
 def attention_masks(
@@ -194,8 +209,10 @@ def attention_masks(
     device = padding_mask.device if padding_mask is not None else None
     q = torch.arange(offset, kv_length, device=device)[:, None]
     k = torch.arange(kv_length, device=device)[None, :]
+    any_window = False
     for kind in layer_types:
         windowed = kind == "sliding_attention" and sliding_window is not None and kv_length > sliding_window
+        any_window = any_window or windowed
         masks.plain_causal = masks.plain_causal and not windowed
         if padding_mask is None and not windowed and (query_length == 1 or offset == 0):
             masks[kind] = (
@@ -217,4 +234,6 @@ def attention_masks(
             # A padding query sees no key at all; let it see itself so that softmax stays finite.
             mask = mask | (q == k)[None, None]
         masks[kind] = mask
+    if padding_mask is not None and query_length == 1 and not any_window:
+        masks.row_starts = _row_starts(padding_mask.bool())
     return masks

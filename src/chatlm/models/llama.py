@@ -48,10 +48,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, masks, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        if T == 1 and cache is not None and masks[self.attention_type] is None:  # decoding: one native call
-            i = self.layer_index
+        starts = getattr(masks, "row_starts", None)
+        if T == 1 and cache is not None and (masks[self.attention_type] is None or starts is not None):
+            i = (
+                self.layer_index
+            )  # decoding: one native call (rows of different lengths start at their own slot)
             out = kernels.decode_attention(
-                q, k, v, cos, sin, cache.keys[i], cache.values[i], cache.offset, self.scale
+                q, k, v, cos, sin, cache.keys[i], cache.values[i], cache.offset, self.scale, starts
             )
             if out is not None:
                 return self.o_proj(out)
@@ -110,7 +113,7 @@ class LlamaForCausalLM(CausalLM):
         plans = self._decode_plans(x, cos, masks, cache)
         for i, layer in enumerate(self.active_layers()):
             if plans is not None and plans[i] is not None:  # the whole layer in one native call
-                plans[i].run(x, cos, sin, cache.keys[i], cache.values[i], cache.offset)
+                plans[i].run(x, cos, sin, cache.keys[i], cache.values[i], cache.offset, masks.row_starts)
             else:
                 x = layer(x, cos, sin, masks, cache)
         return self.model.norm(x)
@@ -126,7 +129,7 @@ class LlamaForCausalLM(CausalLM):
             or x.dtype != torch.float32
             or cos.dtype != torch.float32
             or not x.is_cpu
-            or not getattr(masks, "plain_causal", False)
+            or not (getattr(masks, "plain_causal", False) or getattr(masks, "row_starts", None) is not None)
             or torch.is_grad_enabled()
         ):
             return None
