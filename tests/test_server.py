@@ -249,6 +249,8 @@ def test_bad_requests_get_openai_errors(server):
     assert error(post({"model": "gpt-4o", "messages": chat}), 404)["code"] == "model_not_found"
     error(httpx.get(url + "/v1/nothing"), 404)
     error(httpx.post(url + "/v1/completions", json={"prompt": [10**9]}), 400)
+    assert error(httpx.post(url + "/v1/completions", json={"prompt": ""}), 400)["param"] == "prompt"
+    assert httpx.get(url + "/health").json() == {"status": "ok"}  # none of it reached the engine
 
 
 def test_api_key_body_limit_and_full_queue(bundled_model):

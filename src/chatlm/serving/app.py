@@ -408,6 +408,8 @@ async def completions(server: Server, http: Request) -> Any:
     tok = server.tokenizer
     prompts = [p if isinstance(p, list) else tok(p)["input_ids"] for p in req.prompts]
     for p in prompts:
+        if not p:
+            raise APIError(400, "a prompt is empty: give at least one token", param="prompt")
         if any(not isinstance(t, int) or not 0 <= t < server.model.config.vocab_size for t in p):
             raise APIError(400, "a prompt token id is outside the vocabulary", param="prompt")
     params = []

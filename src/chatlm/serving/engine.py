@@ -228,6 +228,8 @@ class Engine:
     # -- called from the handlers' threads -------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
+        if not request.prompt or request.n < 1 or request.n > self.max_batch:
+            raise ValueError(f"a request needs a prompt and 1 to {self.max_batch} choices")
         with self.lock:
             if self.stopping:
                 raise EngineStopped("the server is shutting down")
