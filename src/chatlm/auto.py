@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from .loading.safetensors_weights import read_safetensors
 from .modeling import CausalLM
 from .models import model_class
 from .models.config import ModelConfig
+from .parallel import tensor_parallel
 from .quantization import (
     GGUFBlocks,
     QuantizationConfig,
@@ -83,9 +85,12 @@ def load_state(
     dtype: torch.dtype,
     device: torch.device,
     source: str,
+    shards: dict | None = None,
 ) -> None:
     """Assign every parameter exactly once, converting each tensor as it arrives (no second full copy).
-    Weights of quantized modules go to their ``load_weight``, which quantizes them as they come."""
+    Weights of quantized modules go to their ``load_weight``, which quantizes them as they come. ``shards``: the
+    tensor-parallel slices of this rank by parameter name (a reader that could not slice is sliced here)."""
+    shards = shards or {}
     params = dict(model.named_parameters())
     quantized = quantized_slots(model)
     loaded: set[str] = set()
@@ -96,6 +101,8 @@ def load_state(
         name, index = model.checkpoint_slot(origin)
         if name is None:
             continue  # a part of the checkpoint the model does not use (Gemma 3's vision tower)
+        if name in shards and not index:
+            tensor = _share(tensor, shards[name])
         if name in quantized and not index:
             if name in loaded:
                 raise ValueError(f"{source}: tensor {origin!r} appears twice")
@@ -127,6 +134,17 @@ def load_state(
         raise ValueError(f"{source}: the checkpoint lacks {shown}")
 
 
+def _share(tensor, spec) -> torch.Tensor:
+    """This rank's share of a tensor (a no-op where the reader already sliced it)."""
+    if isinstance(tensor, GGUFBlocks):
+        tensor = tensor.dequantize()
+    if spec.zero:
+        return torch.zeros_like(tensor)
+    if spec.dim is not None and tensor.shape[spec.dim] != spec.stop - spec.start:
+        tensor = tensor.narrow(spec.dim, spec.start, spec.stop - spec.start)
+    return tensor
+
+
 def _check_shape(source: str, name: str, shape, expected) -> None:
     if tuple(shape) != tuple(expected):
         raise ValueError(
@@ -146,8 +164,11 @@ class AutoModelForCausalLM:
         device_map=None,
         quantization_config=None,
         gguf_file: str | None = None,
+        tp_plan: str | None = None,
         **kwargs,
     ) -> CausalLM:
+        """``tp_plan="auto"`` (under ``torchrun --nproc-per-node N``): split the model over the N ranks by its
+        architecture's plan (`chatlm.parallel`); every rank then runs the same calls."""
         unknown = sorted(set(kwargs) - NO_EFFECT - HUB_OPTIONS)
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
@@ -159,13 +180,19 @@ class AutoModelForCausalLM:
             gguf_file=gguf_file,
             **{k: v for k, v in kwargs.items() if k in HUB_OPTIONS},
         )
+        if tp_plan not in (None, "auto"):
+            raise ValueError(f"tp_plan must be 'auto' (the architecture's own plan), not {tp_plan!r}")
         return load_model(
-            resolved, torch_dtype if torch_dtype is not None else dtype, device_map, quantization
+            resolved, torch_dtype if torch_dtype is not None else dtype, device_map, quantization, tp_plan
         )
 
 
 def load_model(
-    resolved: ResolvedModel, dtype=None, device_map=None, quantization: QuantizationConfig | None = None
+    resolved: ResolvedModel,
+    dtype=None,
+    device_map=None,
+    quantization: QuantizationConfig | None = None,
+    tp_plan: str | None = None,
 ) -> CausalLM:
     device = resolve_device(device_map)
     if resolved.kind == "gguf":
@@ -177,22 +204,45 @@ def load_model(
         generation_config = None
     else:
         config = ModelConfig.from_file(resolved.path / "config.json")
-        tensors = read_safetensors(resolved.path)
+        tensors = None
         total = None
         has_generation_config = (resolved.path / "generation_config.json").is_file()
         generation_config = GenerationConfig.from_pretrained(resolved.path) if has_generation_config else None
     torch_dtype = resolve_dtype(dtype, config)
+    tp = None
+    if tp_plan is not None:
+        tp = tensor_parallel.plan_for(config.model_type, tensor_parallel.setup(device.type))
+        if device.type == "cuda":
+            device = torch.device(
+                "cuda", int(os.environ.get("LOCAL_RANK", tp.rank % torch.cuda.device_count()))
+            )
+        tensor_parallel.check_same_model(
+            {"source": resolved.name, "config": dataclasses.asdict(config), "dtype": str(torch_dtype)}
+            | {"quantization": repr(quantization), "device": device.type}
+        )
+        config = tensor_parallel.local_config(config, tp)
     with torch.device("meta"):
         model = model_class(config)(config)
     if quantization is not None:
         quantize_modules(model, quantization, torch_dtype)
-    if tensors is None:
+    shards = tensor_parallel.shard_specs(model, config, tp) if tp is not None else {}
+    if resolved.kind == "gguf":
         # GGUF blocks go as they are to the quantized modules that can keep them (Q4_0/Q4_1/Q4_K stay 4-bit)
         keep = set(quantized_slots(model)) if quantization is not None else set()
-        tensors = gguf_model.read_gguf_tensors(reader, raw, resolved.path, keep_quantized=keep)
+        tensors = gguf_model.read_gguf_tensors(reader, raw, resolved.path, keep_quantized=keep - set(shards))
+    else:
+        select = (lambda origin: shards.get(model.checkpoint_slot(origin)[0])) if shards else None
+        tensors = read_safetensors(resolved.path, select)
     load_state(
-        model, _progress(tensors, f"loading {resolved.name}", total), torch_dtype, device, str(resolved.path)
+        model,
+        _progress(tensors, f"loading {resolved.name}", total),
+        torch_dtype,
+        device,
+        str(resolved.path),
+        shards,
     )
+    if tp is not None:
+        tensor_parallel.attach_all_reduces(model, tp)
     if generation_config is not None:
         model.generation_config = generation_config
     model.name_or_path = str(resolved.path)

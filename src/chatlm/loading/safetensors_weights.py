@@ -35,12 +35,21 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"{directory} has no {SINGLE} nor {INDEX}")
 
 
-def read_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, read one at a time through a memory map."""
+def read_safetensors(directory: Path, select=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, read one at a time through a memory map.
+    ``select(name)`` may give a slice to read instead of the whole tensor (an object with ``dim``, ``start`` and
+    ``stop``; None or a None ``dim``: all of it): a tensor-parallel rank reads only its share."""
     for path in safetensors_files(directory):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    yield name, f.get_tensor(name)
+                    part = select(name) if select is not None else None
+                    if part is None or part.dim is None:
+                        yield name, f.get_tensor(name)
+                        continue
+                    view = f.get_slice(name)
+                    index = [slice(None)] * len(view.get_shape())
+                    index[part.dim] = slice(part.start, part.stop)
+                    yield name, view[tuple(index)]
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({e})") from e

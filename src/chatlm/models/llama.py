@@ -131,6 +131,8 @@ class LlamaForCausalLM(CausalLM):
             or not x.is_cpu
             or not (getattr(masks, "plain_causal", False) or getattr(masks, "row_starts", None) is not None)
             or torch.is_grad_enabled()
+            or getattr(self, "tensor_parallel", None)
+            is not None  # the rowwise layers' all-reduces run as hooks
         ):
             return None
         plans = self.__dict__.get("_plans")

@@ -1,0 +1,154 @@
+"""Tensor parallelism on torch.distributed, applied from a plan (`plans.TP_PLANS`).
+
+Each rank builds the model of a *local* config: 1/N of the attention heads (query and key/value alike) and of the
+MLP's hidden units, so its projections, its KV cache and its memory are 1/N of the whole. It then reads from the
+checkpoint only its slices of the split weights (`ShardSpec`), and the plan's rowwise layers sum their partial
+outputs over the ranks with one all-reduce each. Everything else (embeddings, norms, the LM head) is replicated.
+Every rank runs the same generation loop on the same input and gets the same logits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .plans import TP_PLANS
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a rank reads one parameter: the slice [start, stop) along ``dim``, or (rowwise biases) the whole
+    tensor on rank 0 and zeros elsewhere, so that the all-reduce adds it once."""
+
+    dim: int | None
+    start: int = 0
+    stop: int = 0
+    zero: bool = False
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int
+    world: int
+    plan: dict[str, str]
+
+    def split(self, size: int) -> tuple[int, int]:
+        share = size // self.world
+        return self.rank * share, (self.rank + 1) * share
+
+
+def setup(device_type: str) -> TensorParallel | None:
+    """The process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...), started if not yet; None when
+    this process is not part of one."""
+    if not dist.is_available():
+        raise ValueError("tp_plan needs torch.distributed, which this build of PyTorch lacks")
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+            raise ValueError(
+                "tp_plan='auto' runs under torchrun (torchrun --nproc-per-node N script.py), which sets RANK and "
+                "WORLD_SIZE; start the script with it, or initialise torch.distributed yourself"
+            )
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # Ours to end: a group left to the interpreter's exit tears its threads down mid-flight (abort).
+        atexit.register(_end_group)
+    return TensorParallel(dist.get_rank(), dist.get_world_size(), {})
+
+
+def _end_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def plan_for(model_type: str, tp: TensorParallel) -> TensorParallel:
+    plan = TP_PLANS.get(model_type)
+    if plan is None:
+        supported = ", ".join(sorted(TP_PLANS))
+        raise ValueError(f"tp_plan='auto' has no plan for {model_type} models yet (it has for: {supported})")
+    return dataclasses.replace(tp, plan=plan)
+
+
+def local_config(config, tp: TensorParallel):
+    """The config of this rank's share: heads and MLP units divided by the world size, which must divide them."""
+    world = tp.world
+    counts = {
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "intermediate_size": config.intermediate_size,
+    }
+    for name, value in counts.items():
+        if value % world:
+            raise ValueError(
+                f"tensor parallelism over {world} ranks needs {name} ({value}) to be a multiple of {world}; "
+                f"run with a number of ranks that divides it"
+            )
+    return dataclasses.replace(
+        config,
+        head_dim=config.head_dim,  # explicit: the default (hidden / heads) would change with the heads
+        **{name: value // world for name, value in counts.items()},
+    )
+
+
+def _planned(name: str, plan: dict[str, str]) -> str | None:
+    for pattern, style in plan.items():
+        parts, names = pattern.split("."), name.split(".")
+        if len(parts) == len(names) and all(fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts)):
+            return style
+    return None
+
+
+def shard_specs(model: nn.Module, full_config, tp: TensorParallel) -> dict[str, ShardSpec]:
+    """By parameter name, how this rank reads it from the checkpoint (parameters not listed: whole)."""
+    specs: dict[str, ShardSpec] = {}
+    for module_name, module in model.named_modules():
+        style = _planned(module_name, tp.plan)
+        if style is None:
+            continue
+        weight = module.weight_shape if hasattr(module, "weight_shape") else tuple(module.weight.shape)
+        if style == "colwise":
+            start, stop = tp.split(weight[0] * tp.world)
+            specs[f"{module_name}.weight"] = ShardSpec(0, start, stop)
+            if getattr(module, "bias", None) is not None:
+                specs[f"{module_name}.bias"] = ShardSpec(0, start, stop)
+        elif style == "rowwise":
+            start, stop = tp.split(weight[1] * tp.world)
+            specs[f"{module_name}.weight"] = ShardSpec(1, start, stop)
+            if getattr(module, "bias", None) is not None:
+                specs[f"{module_name}.bias"] = ShardSpec(None, zero=tp.rank != 0)
+        else:
+            raise ValueError(f"unknown tensor-parallel style {style!r} for {module_name}")
+    return specs
+
+
+def _all_reduce(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(output)
+    return output
+
+
+def attach_all_reduces(model: nn.Module, tp: TensorParallel) -> None:
+    """The rowwise layers sum their partial outputs over the ranks."""
+    for module_name, module in model.named_modules():
+        if _planned(module_name, tp.plan) == "rowwise":
+            module.register_forward_hook(_all_reduce)
+    model.tensor_parallel = tp
+
+
+def check_same_model(description: dict) -> None:
+    """Every rank must load the same model the same way: a rank that got another path or options fails loudly."""
+    mine = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) > 1:
+        differing = [rank for rank, digest in enumerate(everyone) if digest != everyone[0]]
+        raise ValueError(
+            f"the ranks disagree on the model: ranks {differing} load another model or other options than rank 0 "
+            f"(this rank: {description.get('source')})"
+        )

@@ -1,0 +1,99 @@
+"""Tensor parallelism: two ranks started by torchrun on this machine (gloo on CPU), against the same model in one
+process: logits within 1e-5, the same greedy tokens, and each rank holding about half of the split weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatlm import AutoModelForCausalLM
+from checkpoints import write_checkpoint
+
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from chatlm import AutoModelForCausalLM
+
+    paths, out, dtype = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+    rank = int(os.environ["RANK"])
+    result = {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(paths[rank % len(paths)], tp_plan="auto", dtype=dtype)
+        ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 8]])
+        with torch.no_grad():
+            result["logits"] = model(ids).logits.float().tolist()
+        result["generated"] = model.generate(ids, max_new_tokens=12, eos_token_id=None).tolist()
+        result["parameters"] = sum(p.numel() for p in model.parameters())
+        result["kv_heads"] = model.new_cache(1, 4).keys[0].shape[1]
+    except ValueError as e:
+        result["error"] = str(e)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    """
+)
+
+
+def run_ranks(tmp_path: Path, paths: list[Path], ranks: int = 2, dtype: str = "float32") -> list[dict]:
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    command += [str(script), ",".join(str(p) for p in paths), str(out), dtype]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[:6000]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def split_parameters(model) -> int:
+    """Parameters of the layers the plan splits (q, k, v, o, gate, up, down)."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return sum(p.numel() for n, p in model.named_parameters() if any(f".{k}." in n for k in names))
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_two_ranks_match_one_process(tmp_path, variant):
+    path = write_checkpoint(tmp_path / variant, variant)
+    whole = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 8]])
+    with torch.no_grad():
+        logits = whole(ids).logits
+    generated = whole.generate(ids, max_new_tokens=12, eos_token_id=None).tolist()
+    results = run_ranks(tmp_path, [path])
+    total, split = sum(p.numel() for p in whole.parameters()), split_parameters(whole)
+    for rank in results:
+        assert "error" not in rank, rank.get("error")
+        torch.testing.assert_close(torch.tensor(rank["logits"]), logits, atol=1e-5, rtol=1e-5)
+        assert rank["generated"] == generated
+        assert (
+            rank["parameters"] == total - split // 2
+        )  # the split layers' weights are halved, the rest whole
+        assert rank["kv_heads"] == whole.config.num_key_value_heads // 2  # the KV cache is split by heads
+
+
+def test_refusals_name_the_problem(tmp_path):
+    one_kv_head = write_checkpoint(tmp_path / "gqa1", "llama", num_key_value_heads=1)
+    results = run_ranks(tmp_path, [one_kv_head])
+    assert all("num_key_value_heads (1) to be a multiple of 2" in r["error"] for r in results)
+    other = write_checkpoint(tmp_path / "other", "llama", seed=3, hidden_size=32)
+    results = run_ranks(tmp_path, [write_checkpoint(tmp_path / "llama", "llama"), other])
+    assert all("ranks disagree on the model" in r["error"] for r in results)
+
+
+def test_tp_plan_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    path = write_checkpoint(tmp_path / "llama", "llama")
+    with pytest.raises(ValueError, match="torchrun"):
+        AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
+    with pytest.raises(ValueError, match="tp_plan must be 'auto'"):
+        AutoModelForCausalLM.from_pretrained(path, tp_plan="colwise")
