@@ -55,12 +55,13 @@ def run_ranks(tmp_path: Path, paths: list[Path], ranks: int = 2, dtype: str = "f
 
 
 def split_parameters(model) -> int:
-    """Parameters of the layers the plan splits (q, k, v, o, gate, up, down)."""
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    return sum(p.numel() for n, p in model.named_parameters() if any(f".{k}." in n for k in names))
+    """Parameters of the layers the plan splits: q, k, v, o, the MLPs' gate, up and down, the experts."""
+    names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj"}
+    return sum(p.numel() for n, p in model.named_parameters() if names & set(n.split(".")))
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+# qwen2_moe: a shared expert and a dense layer (mlp_only_layers) besides the experts; mixtral: experts only
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen2_moe", "mixtral"])
 def test_two_ranks_match_one_process(tmp_path, variant):
     path = write_checkpoint(tmp_path / variant, variant)
     whole = AutoModelForCausalLM.from_pretrained(path)

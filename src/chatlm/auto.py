@@ -101,7 +101,7 @@ def load_state(
         name, index = model.checkpoint_slot(origin)
         if name is None:
             continue  # a part of the checkpoint the model does not use (Gemma 3's vision tower)
-        if name in shards and not index:
+        if name in shards and (not index or index[0] == slice(None)):  # the whole, or a stack over experts
             tensor = _share(tensor, shards[name])
         if name in quantized and not index:
             if name in loaded:
@@ -132,6 +132,19 @@ def load_state(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{source}: the checkpoint lacks {shown}")
+
+
+def _shard_reader(model: CausalLM, shards: dict):
+    """For the safetensors reader: the slice of a checkpoint tensor this rank reads (None: all of it). A tensor
+    that is one expert of a stack is whole already (the model renumbers or skips it)."""
+
+    def select(origin: str):
+        name, index = model.checkpoint_slot(origin)
+        if index and index[0] != slice(None):
+            return None
+        return shards.get(name)
+
+    return select
 
 
 def _share(tensor, spec) -> torch.Tensor:
@@ -225,14 +238,13 @@ def load_model(
         model = model_class(config)(config)
     if quantization is not None:
         quantize_modules(model, quantization, torch_dtype)
-    shards = tensor_parallel.shard_specs(model, config, tp) if tp is not None else {}
+    shards = tensor_parallel.shard_specs(model, tp) if tp is not None else {}
     if resolved.kind == "gguf":
         # GGUF blocks go as they are to the quantized modules that can keep them (Q4_0/Q4_1/Q4_K stay 4-bit)
         keep = set(quantized_slots(model)) if quantization is not None else set()
         tensors = gguf_model.read_gguf_tensors(reader, raw, resolved.path, keep_quantized=keep - set(shards))
     else:
-        select = (lambda origin: shards.get(model.checkpoint_slot(origin)[0])) if shards else None
-        tensors = read_safetensors(resolved.path, select)
+        tensors = read_safetensors(resolved.path, _shard_reader(model, shards) if shards else None)
     load_state(
         model,
         _progress(tensors, f"loading {resolved.name}", total),

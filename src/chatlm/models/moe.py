@@ -65,13 +65,16 @@ def is_sparse_layer(config: ModelConfig, index: int) -> bool:
 
 
 class Experts(nn.Module):
-    """E gated-MLP experts, stacked: ``gate_up_proj`` (E, 2I, H) holds each expert's gate rows then its up rows."""
+    """E gated-MLP experts, stacked: ``gate_up_proj`` (E, 2I, H) holds each expert's gate rows then its up rows.
+    Under tensor parallelism a rank holds experts offset..offset+E-1 of the router's; tokens routed to the others
+    get nothing from this rank (another rank adds their share)."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, act):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act, offset: int = 0):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act = act
+        self.offset = offset
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         # gate_up_proj[e] is a contiguous view: no weight is copied, only expert e's are read.
@@ -80,15 +83,19 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H); token n goes to experts ``chosen[n]`` (N, k) with ``weights[n]``; returns (N, H)."""
+        held = self.gate_up_proj.shape[0]
         if x.shape[0] == 1:  # one token (decode): no grouping needed
             out = torch.zeros_like(x)
             for slot, e in enumerate(chosen[0].tolist()):
-                out += (self.expert(e, x) * weights[:, slot, None]).to(x.dtype)
+                if 0 <= e - self.offset < held:
+                    out += (self.expert(e - self.offset, x) * weights[:, slot, None]).to(x.dtype)
             return out
         k = chosen.shape[1]
-        flat = chosen.flatten()
+        flat = chosen.flatten() - self.offset
+        if self.offset or held < int(flat.max()) + 1:  # experts held elsewhere: their pairs sort last, unused
+            flat = torch.where((flat >= 0) & (flat < held), flat, held)
         order = flat.argsort(stable=True)  # the (token, slot) pairs, grouped by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=held).tolist()[:held]
         tokens, pair_weights = order // k, weights.flatten()[order, None]
         out = torch.zeros_like(x)
         start = 0
@@ -110,8 +117,13 @@ class SparseMoeBlock(nn.Module):
         self.renormalise = traits.always_renormalise or bool(config.extra.get("norm_topk_prob", False))
         self.float_weights = traits.float_weights
         self.gate = nn.Linear(hidden, experts, bias=False)  # the router
+        rank, world = config.extra.get("expert_parallel", (0, 1))  # tensor parallel: this rank's share
         self.experts = Experts(
-            experts, hidden, _option(config, traits.intermediate_key), ACTIVATIONS[config.hidden_act]
+            experts // world,
+            hidden,
+            _option(config, traits.intermediate_key),
+            ACTIVATIONS[config.hidden_act],
+            offset=rank * (experts // world),
         )
         self.shared_expert = self.shared_expert_gate = None
         if traits.shared_expert:
@@ -174,6 +186,12 @@ class MoeForCausalLM(LlamaForCausalLM):
         if m is None:
             return name, ()
         expert = () if m["expert"] is None else (int(m["expert"]),)
+        rank, world = self.config.extra.get("expert_parallel", (0, 1))
+        if expert and world > 1:  # tensor parallel: this rank keeps its own experts, renumbered from 0
+            held = num_experts(self.config) // world
+            if not 0 <= expert[0] - rank * held < held:
+                return None, ()
+            expert = (expert[0] - rank * held,)
         if m["proj"] in _HALF:
             size = self.expert_intermediate
             rows = slice(_HALF[m["proj"]] * size, (_HALF[m["proj"]] + 1) * size)

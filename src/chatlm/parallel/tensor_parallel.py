@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .plans import TP_PLANS
+from .plans import TP_PLANS, Plan
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ShardSpec:
 class TensorParallel:
     rank: int
     world: int
-    plan: dict[str, str]
+    plan: Plan | None = None
 
     def split(self, size: int) -> tuple[int, int]:
         share = size // self.world
@@ -60,7 +60,7 @@ def setup(device_type: str) -> TensorParallel | None:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         # Ours to end: a group left to the interpreter's exit tears its threads down mid-flight (abort).
         atexit.register(_end_group)
-    return TensorParallel(dist.get_rank(), dist.get_world_size(), {})
+    return TensorParallel(dist.get_rank(), dist.get_world_size())
 
 
 def _end_group() -> None:
@@ -77,51 +77,67 @@ def plan_for(model_type: str, tp: TensorParallel) -> TensorParallel:
 
 
 def local_config(config, tp: TensorParallel):
-    """The config of this rank's share: heads and MLP units divided by the world size, which must divide them."""
-    world = tp.world
-    counts = {
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "intermediate_size": config.intermediate_size,
-    }
-    for name, value in counts.items():
+    """The config of this rank's share: the plan's sizes (heads, MLP widths, experts) divided by the world size,
+    which must divide them. The experts' split is noted in ``extra["expert_parallel"]`` as (rank, world): the
+    router still scores all of them."""
+    from ..models.moe import num_experts
+
+    world, changes = tp.world, {}
+    for name in tp.plan.divides:
+        if name == "experts":
+            value = num_experts(config)
+        elif name in config.extra:
+            value = config.extra[name]
+        else:
+            value = getattr(config, name)
         if value % world:
             raise ValueError(
                 f"tensor parallelism over {world} ranks needs {name} ({value}) to be a multiple of {world}; "
                 f"run with a number of ranks that divides it"
             )
-    return dataclasses.replace(
-        config,
-        head_dim=config.head_dim,  # explicit: the default (hidden / heads) would change with the heads
-        **{name: value // world for name, value in counts.items()},
-    )
+        if name == "experts":
+            changes["extra"] = {**changes.get("extra", config.extra), "expert_parallel": [tp.rank, world]}
+        elif name in config.extra:
+            changes["extra"] = {**changes.get("extra", config.extra), name: value // world}
+        else:
+            changes[name] = value // world
+    # head_dim explicit: the default (hidden / heads) would change with the heads
+    return dataclasses.replace(config, head_dim=config.head_dim, **changes)
 
 
 def _planned(name: str, plan: dict[str, str]) -> str | None:
+    names = name.split(".")
     for pattern, style in plan.items():
-        parts, names = pattern.split("."), name.split(".")
+        parts = pattern.split(".")
         if len(parts) == len(names) and all(fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts)):
             return style
     return None
 
 
-def shard_specs(model: nn.Module, full_config, tp: TensorParallel) -> dict[str, ShardSpec]:
+def shard_specs(model: nn.Module, tp: TensorParallel) -> dict[str, ShardSpec]:
     """By parameter name, how this rank reads it from the checkpoint (parameters not listed: whole)."""
     specs: dict[str, ShardSpec] = {}
     for module_name, module in model.named_modules():
-        style = _planned(module_name, tp.plan)
-        if style is None:
+        style = _planned(module_name, tp.plan.layers)
+        if style in (None, "reduce"):
+            continue
+        if style == "experts":
+            local = module.gate_up_proj.shape[0]
+            start = module.offset
+            for name in ("gate_up_proj", "down_proj"):
+                specs[f"{module_name}.{name}"] = ShardSpec(0, start, start + local)
             continue
         weight = module.weight_shape if hasattr(module, "weight_shape") else tuple(module.weight.shape)
+        has_bias = getattr(module, "bias", None) is not None
         if style == "colwise":
             start, stop = tp.split(weight[0] * tp.world)
             specs[f"{module_name}.weight"] = ShardSpec(0, start, stop)
-            if getattr(module, "bias", None) is not None:
+            if has_bias:
                 specs[f"{module_name}.bias"] = ShardSpec(0, start, stop)
-        elif style == "rowwise":
+        elif style in ("rowwise", "rowwise_partial"):
             start, stop = tp.split(weight[1] * tp.world)
             specs[f"{module_name}.weight"] = ShardSpec(1, start, stop)
-            if getattr(module, "bias", None) is not None:
+            if has_bias:
                 specs[f"{module_name}.bias"] = ShardSpec(None, zero=tp.rank != 0)
         else:
             raise ValueError(f"unknown tensor-parallel style {style!r} for {module_name}")
@@ -134,9 +150,9 @@ def _all_reduce(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor
 
 
 def attach_all_reduces(model: nn.Module, tp: TensorParallel) -> None:
-    """The rowwise layers sum their partial outputs over the ranks."""
+    """The plan's sums over the ranks: after each rowwise layer and each "reduce" module."""
     for module_name, module in model.named_modules():
-        if _planned(module_name, tp.plan) == "rowwise":
+        if _planned(module_name, tp.plan.layers) in ("rowwise", "reduce"):
             module.register_forward_hook(_all_reduce)
     model.tensor_parallel = tp
 
