@@ -98,3 +98,32 @@ def test_tp_plan_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch):
         AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
     with pytest.raises(ValueError, match="tp_plan must be 'auto'"):
         AutoModelForCausalLM.from_pretrained(path, tp_plan="colwise")
+
+
+def test_cli_under_torchrun_gives_the_single_process_replies(tmp_path):
+    """`chatlm run` and `chatlm chat` on two ranks: rank 0 reads the prompt and prints, the other computes its
+    share; the replies are the single process's (greedy, and sampled with a seed)."""
+    path = write_checkpoint(tmp_path / "llama", "llama")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    for options in (
+        ["--max-new-tokens", "10"],
+        ["--max-new-tokens", "10", "--temperature", "1", "--seed", "4"],
+    ):
+        run = ["chatlm", "run", str(path), "hello there", *options]
+        alone = subprocess.run(
+            [sys.executable, "-m", *run], capture_output=True, text=True, env=env, timeout=120
+        )
+        split = subprocess.run([*torchrun, *run], capture_output=True, text=True, env=env, timeout=300)
+        assert alone.returncode == 0 and split.returncode == 0, split.stderr[-3000:]
+        assert split.stdout == alone.stdout and alone.stdout.strip()
+    chat = ["chatlm", "chat", str(path), "--max-new-tokens", "6"]
+    lines = "first message\n/reset\nsecond message\n/exit\n"
+    alone = subprocess.run(
+        [sys.executable, "-m", *chat], input=lines, capture_output=True, text=True, env=env, timeout=120
+    )
+    split = subprocess.run(
+        [*torchrun, *chat], input=lines, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout == alone.stdout and alone.stdout.count("\n") >= 2

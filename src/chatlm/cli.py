@@ -200,6 +200,7 @@ class Session:
             torch_dtype=args.dtype,
             device_map=args.device,
             quantization_config=quantization_config(args.quantization),
+            tp_plan="auto" if _distributed() else None,
         )
         if self.tokenizer.chat_template is None:
             raise ValueError(
@@ -247,10 +248,15 @@ class Session:
             options["prompt_lookup_num_tokens"] = self.args.prompt_lookup
         elif self.draft is not None:
             options["assistant_model"] = self.draft
-        if self.args.seed is not None:
+        import torch
+
+        seed = self.args.seed
+        if _distributed():  # every rank draws the same tokens from the same logits: one seed for all
+            seed = _from_rank0(seed if seed is not None else int(torch.seed() % 2**31))
+        if seed is not None:
             from .utils import set_seed
 
-            set_seed(self.args.seed)
+            set_seed(seed)
         output = self.model.generate(
             ids.to(self.model.device), max_new_tokens=self.args.max_new_tokens, streamer=streamer, **options
         )
@@ -308,8 +314,50 @@ def _callback_streamer(tokenizer, on_text, on_reasoning, parser, generation_conf
     return Parsed(tokenizer, skip_prompt=True, skip_special_tokens=False)
 
 
+def _distributed() -> bool:
+    """Under torchrun with several ranks: the model is split over them (rank 0 talks to the user, the others
+    follow and compute their share)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _from_rank0(value):
+    """Rank 0's value, on every rank (a prompt, a chat message, a seed)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _follow(session: Session) -> int:
+    """A rank other than 0 in `chatlm chat`: the same replies to the same messages, its output unseen."""
+    while True:
+        text = _from_rank0(None)
+        if text is None:
+            return 0
+        if text == "/reset":
+            session.reset()
+        else:
+            session.reply(text, lambda _: None, lambda _: None)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     session = Session(args.model, args)
+    if _distributed() and _rank() != 0:
+        return _follow(session)
+    share = _from_rank0 if _distributed() else (lambda text: text)
+    try:
+        return _chat_loop(session, share)
+    finally:
+        if _distributed():
+            share(None)  # the followers stop too
+
+
+def _chat_loop(session: Session, share) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("chatlm: type a message, /reset to start over, /exit to quit.", file=sys.stderr)
@@ -327,6 +375,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text in ("/exit", "/quit", "/bye"):
             break
         if text == "/reset":
+            share(text)
             session.reset()
             print("(chat reset)", file=sys.stderr)
             continue
@@ -334,6 +383,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"unknown command {text.split()[0]}: /reset or /exit", file=sys.stderr)
             continue
         try:
+            share(text)
             session.reply(text, _write, _write_reasoning)
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
@@ -348,11 +398,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(parts) > 2:
         raise ValueError("give at most a model and one prompt (quote the prompt)")
     model_ref, prompt = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
-    if prompt == "-":
+    if prompt == "-" and _rank() == 0:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     session = Session(model_ref, args)
+    if _distributed():  # rank 0 read the prompt; the others compute their share of the same reply, silently
+        prompt = _from_rank0(prompt)
+        if _rank() != 0:
+            session.reply(prompt, lambda _: None, lambda _: None)
+            return 0
     session.reply(prompt, _write, _write_reasoning)
     print(flush=True)
     return 0
