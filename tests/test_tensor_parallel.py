@@ -127,3 +127,69 @@ def test_cli_under_torchrun_gives_the_single_process_replies(tmp_path):
     )
     assert split.returncode == 0, split.stderr[-3000:]
     assert split.stdout == alone.stdout and alone.stdout.count("\n") >= 2
+
+
+def test_serve_under_torchrun(tmp_path):
+    """`chatlm serve` on two ranks: rank 0 serves HTTP and runs the engine, the other runs its model calls; the
+    replies are the single process's; SIGTERM to torchrun shuts every rank down cleanly."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    path = write_checkpoint(tmp_path / "llama", "llama")
+    whole = AutoModelForCausalLM.from_pretrained(path)
+    from chatlm import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    questions = ["hello there", "what is this", "one two three"]
+    expected = []
+    for q in questions:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt"
+        )
+        out = whole.generate(ids["input_ids"], max_new_tokens=8)[0, ids["input_ids"].shape[1] :]
+        expected.append(tok.decode(out, skip_special_tokens=True))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    command += ["chatlm", "serve", str(path), "--port", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+        def ask(question: str) -> str:
+            body = {"messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0}
+            return httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0][
+                "message"
+            ]["content"]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(3) as pool:  # together: the ranks follow a batch that rows join and leave
+            assert list(pool.map(ask, questions)) == expected
+        # torchrun passes SIGTERM on to every rank and then exits with status 1 whatever they do (its own
+        # SignalException); the ranks must end by themselves: rank 0 after a graceful shutdown, the other when
+        # rank 0 tells it to, with nobody killed.
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        err = server.stderr.read().decode()
+        assert "SIGKILL" not in err and "ChildFailedError" not in err and "Got signal: 15" not in err, err[
+            -3000:
+        ]
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -487,7 +487,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch_dtype=args.dtype,
         device_map=args.device,
         quantization_config=quantization_config(args.quantization),
+        tp_plan="auto" if _distributed() else None,
     )
+    side = None
+    if (
+        _distributed()
+    ):  # rank 0 serves HTTP and runs the engine; the others run its model calls on their share
+        from .serving.model_side import BroadcastingSide, ModelSide, follow
+
+        if _rank() != 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 shuts down and then tells us
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            follow(ModelSide(model))
+            return 0
+        side = BroadcastingSide(model)
     name = args.served_model_name or _model_name(args.model)
     app = create_app(
         model,
@@ -497,6 +510,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         engine_thread=False,
+        side=side,
     )
     engine = app.state.server.engine
     # On SIGTERM or Ctrl-C, in-flight requests get 30 s to finish, then they are cancelled. HTTP runs on a thread

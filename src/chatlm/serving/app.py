@@ -540,10 +540,14 @@ def create_app(
     max_queue: int = 64,
     max_body: int = MAX_BODY_BYTES,
     engine_thread: bool = True,
+    side=None,
 ) -> FastAPI:
     """The OpenAI-compatible app around one model. Its engine's thread starts here (``engine_thread=False``:
-    the caller runs ``app.state.server.engine.run()`` itself) and stops with the app's lifespan."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, start=engine_thread)
+    the caller runs ``app.state.server.engine.run()`` itself) and stops with the app's lifespan. ``side``: how
+    the engine reaches the model (`model_side`; tensor parallelism passes rank 0's broadcasting one)."""
+    engine = Engine(
+        model, tokenizer, max_batch=max_batch, max_queue=max_queue, start=engine_thread, side=side
+    )
     server = Server(model, tokenizer, model_name, api_key, engine, max_body)
 
     @contextlib.asynccontextmanager

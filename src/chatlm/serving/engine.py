@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation.config import GenerationConfig
-from ..generation.ragged_cache import RaggedCache
 from ..generation.sampling import make_processors
 from .detokenize import TextStream
 from .json_mode import JsonPrefix
 from .metrics import Metrics
+from .model_side import ModelSide
 
 
 @dataclass
@@ -201,6 +201,7 @@ class Engine:
         prefill_chunk: int = 512,
         busy_prefill_chunk: int = 256,
         start: bool = True,
+        side: ModelSide | None = None,
     ):
         """``start=False``: the caller runs the loop itself with `run` (``chatlm serve`` does, on the main thread:
         there OpenMP's workers spin between the many small parallel regions of a decoding step; a second thread
@@ -213,8 +214,8 @@ class Engine:
         self.metrics = Metrics()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Sequence] = {}  # by row
-        self.prefill: tuple[Request, object, int] | None = None  # request, its cache, prompt tokens done
-        self.batch: RaggedCache | None = None
+        self.prefill: tuple[Request, int] | None = None  # a long prompt being prefilled, and tokens done
+        self.side = side or ModelSide(model)  # the model and its caches (`model_side`)
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
@@ -278,6 +279,7 @@ class Engine:
         finally:
             self.alive = False
             self._cancel_everything()
+            self.side.close()  # under tensor parallelism: the other ranks stop following
 
     def _drop_cancelled(self) -> None:
         with self.lock:
@@ -319,60 +321,34 @@ class Engine:
             if not group:
                 return
             if len(group) > 1 or tokens <= budget:
-                self._prefill_together(group)
+                logits = self.side.prefill_together([r.prompt for r in group])
+                for j, request in enumerate(group):
+                    self.metrics.prompt_tokens += len(request.prompt)
+                    self._start(request, j, logits[j])
                 return
-            self.prefill = (group[0], self.model.new_cache(1, len(group[0].prompt)), 0)
-        request, cache, done = self.prefill
-        tokens = torch.tensor([request.prompt[done : done + budget]], device=self.model.device)
-        logits = self.model(tokens, past_key_values=cache, logits_to_keep=1).logits[0, -1]
-        done += tokens.shape[1]
+            self.prefill = (group[0], 0)
+        request, done = self.prefill
+        logits = self.side.prefill(request.prompt[done : done + budget], done, len(request.prompt))[0]
+        done += len(request.prompt[done : done + budget])
         if done < len(request.prompt):
-            self.prefill = (request, cache, done)
+            self.prefill = (request, done)
             return
         self.prefill = None
         self.metrics.prompt_tokens += len(request.prompt)
-        keys = [k[0, :, : cache.offset] for k in cache.keys]
-        values = [v[0, :, : cache.offset] for v in cache.values]
-        self._start(request, keys, values, logits)
+        self._start(request, 0, logits)
 
-    def _prefill_together(self, group: list[Request]) -> None:
-        """Short prompts in one forward pass, left-padded, each then moved to rows of the batch."""
-        width = max(len(r.prompt) for r in group)
-        device = self.model.device
-        ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(group), width, dtype=torch.long, device=device)
-        for j, request in enumerate(group):
-            ids[j, width - len(request.prompt) :] = torch.tensor(request.prompt)
-            mask[j, width - len(request.prompt) :] = 1
-        cache = self.model.new_cache(len(group), width)
-        logits = self.model(
-            ids,
-            attention_mask=mask if len(group) > 1 else None,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        for j, request in enumerate(group):
-            start = width - len(request.prompt)
-            self.metrics.prompt_tokens += len(request.prompt)
-            keys = [k[j, :, start:width] for k in cache.keys]
-            values = [v[j, :, start:width] for v in cache.values]
-            self._start(request, keys, values, logits[j])
-
-    def _start(self, request: Request, keys: list, values: list, logits: torch.Tensor) -> None:
-        """The prompt is prefilled: its choices take free rows, each with its first token."""
-        if self.batch is None:
-            self.batch = RaggedCache(self.model, 0, len(request.prompt) + 64)
-        free = [row for row in range(self.batch.rows) if row not in self.running]
-        if len(free) < request.n:
-            self.batch.add_rows(request.n - len(free))
-            free = [row for row in range(self.batch.rows) if row not in self.running]
+    def _start(self, request: Request, staged: int, logits: torch.Tensor) -> None:
+        """The prompt is prefilled (staged prompt ``staged``): its choices take free rows, each with its first
+        token."""
+        free = [row for row in range(self.side.rows) if row not in self.running]
+        free += list(range(self.side.rows, self.side.rows + max(0, request.n - len(free))))
+        rows = free[: request.n]
+        self.side.place(staged, len(request.prompt), rows)
         self.metrics.first_token(time.monotonic() - request.arrived)
         finished = []
-        for index, row in zip(range(request.n), free):
+        for index, row in enumerate(rows):
             seq = Sequence(request, index, self.tokenizer, self.eos, self.vocab)
             seq.row = row
-            self.batch.place(row, keys, values)
             self.running[row] = seq
             if self._emit(seq, *seq.choose(logits)):
                 finished.append(row)
@@ -383,12 +359,10 @@ class Engine:
         if not self.running:
             return
         started = time.perf_counter()
-        batch = self.batch
-        fed = torch.zeros(batch.rows, 1, dtype=torch.long, device=self.model.device)
-        real = torch.zeros(batch.rows, 1, dtype=torch.bool, device=fed.device)
+        tokens, real = [0] * self.side.rows, [False] * self.side.rows
         for row, seq in self.running.items():
-            fed[row, 0], real[row, 0] = seq.tokens[-1], True
-        logits = batch.forward(fed, real)[:, 0]
+            tokens[row], real[row] = seq.tokens[-1], True
+        logits = self.side.decode(tokens, real)
         best = logits.argmax(-1).tolist()  # the plain greedy rows' tokens, all at once
         stepped = len(self.running)
         finished = [
@@ -410,9 +384,7 @@ class Engine:
             return
         for row in rows:
             self.running.pop(row, None)
-        keep = self.batch.lengths.clone()
-        keep[rows] = 0
-        self.batch.truncate(keep)
+        self.side.free(rows)
         self.metrics.running = len(self.running)
 
     def _cancel_everything(self) -> None:
