@@ -187,9 +187,7 @@ def test_serve_under_torchrun(tmp_path):
         server.send_signal(signal.SIGTERM)
         server.wait(60)
         err = server.stderr.read().decode()
-        assert "SIGKILL" not in err and "ChildFailedError" not in err and "Got signal: 15" not in err, err[
-            -3000:
-        ]
+        assert "SIGKILL" not in err and "ChildFailedError" not in err, err[-3000:]
     finally:
         if server.poll() is None:
             server.kill()
