@@ -191,3 +191,22 @@ def test_serve_under_torchrun(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_two_ranks_from_gguf(tmp_path):
+    """A GGUF file (Q8_0 blocks, dequantized and then sliced on each rank) split over two ranks."""
+    from gguf_export import export_gguf
+
+    checkpoint = write_checkpoint(tmp_path / "llama", "llama")
+    path = export_gguf(
+        checkpoint, tmp_path / "llama.gguf", "llama", tensor_type="Q8_0", tokenizer_dir=checkpoint
+    )
+    whole = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 8]])
+    with torch.no_grad():
+        logits = whole(ids).logits
+    generated = whole.generate(ids, max_new_tokens=12, eos_token_id=None).tolist()
+    for rank in run_ranks(tmp_path, [path]):
+        assert "error" not in rank, rank.get("error")
+        torch.testing.assert_close(torch.tensor(rank["logits"]), logits, atol=1e-5, rtol=1e-5)
+        assert rank["generated"] == generated
