@@ -170,6 +170,26 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def stream_chunk(kind: str, ident: str, created: int, model: str, req, choices: list, **extra) -> str:
+    """One server-sent event of a stream; with include_usage, every chunk carries "usage" (null until the last)."""
+    body: dict[str, Any] = {
+        "id": ident,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if req.include_usage:
+        body["usage"] = None
+    body.update(extra)
+    return sse(body)
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """The engine's reasons in the API: a generation cancelled by shutdown is "abort" (as vLLM says)."""
+    return "abort" if reason == "cancelled" else reason
+
+
 def openai_tool_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
     """The parser's tool calls (arguments as a dict) as OpenAI sends them (arguments as a JSON string, an id)."""
     out = []
@@ -239,7 +259,7 @@ async def chat_completions(server: Server, http: Request) -> Any:
     choices = []
     for i in range(req.n):
         message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
-        reason = reasons[i] or "abort"
+        reason = finish_reason(reasons[i] or "cancelled")
         if not reply_format.is_plain:
             parser = ReplyParser(reply_format, prefix=prefix[: len(prefix) - len(forced)])
             parser.feed(forced + texts[i])
@@ -334,17 +354,7 @@ async def _chat_stream(
     forced: str,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], **extra) -> str:
-        body = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": server.name,
-            "choices": choices,
-        }
-        if req.include_usage:
-            body["usage"] = None
-        body.update(extra)
-        return sse(body)
+        return stream_chunk("chat.completion.chunk", ident, created, server.name, req, choices, **extra)
 
     def choice(index: int, delta: dict[str, Any], logprobs=None, finish: str | None = None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -387,10 +397,8 @@ async def _chat_stream(
         if logprobs and not pieces:
             yield chunk([choice(i, {}, logprobs)])
         if delta.finish_reason:
-            reason = delta.finish_reason
-            if reason == "cancelled":
-                reason = "abort"
-            elif reason == "stop" and calls[i]:
+            reason = finish_reason(delta.finish_reason)
+            if reason == "stop" and calls[i]:
                 reason = "tool_calls"
             yield chunk([choice(i, {}, None, reason)])
     if req.include_usage:
@@ -455,7 +463,7 @@ async def completions(server: Server, http: Request) -> Any:
                 "logprobs": _legacy_logprobs(server, out["logprobs"])
                 if req.params.logprobs is not None
                 else None,
-                "finish_reason": out["reason"] if out["reason"] != "cancelled" else "abort",
+                "finish_reason": finish_reason(out["reason"]),
             }
         )
     generated = sum(out["tokens"] for out in outputs.values())
@@ -488,17 +496,7 @@ async def _completion_stream(
     server, req: CompletionRequest, jobs: list[Job], ident: str, created: int, prompts, texts
 ) -> AsyncIterator[str]:
     def chunk(choices, **extra) -> str:
-        body = {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": server.name,
-            "choices": choices,
-        }
-        if req.include_usage:
-            body["usage"] = None
-        body.update(extra)
-        return sse(body)
+        return stream_chunk("text_completion", ident, created, server.name, req, choices, **extra)
 
     generated = 0
     for (j, i), text in texts.items():
@@ -508,7 +506,7 @@ async def _completion_stream(
             async for delta in job.deltas():
                 generated += len(delta.token_ids)
                 logprobs = _legacy_logprobs(server, delta.logprobs) if delta.logprobs else None
-                reason = delta.finish_reason if delta.finish_reason != "cancelled" else "abort"
+                reason = finish_reason(delta.finish_reason)
                 yield chunk(
                     [
                         {
