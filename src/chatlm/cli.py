@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -248,11 +249,9 @@ class Session:
             options["prompt_lookup_num_tokens"] = self.args.prompt_lookup
         elif self.draft is not None:
             options["assistant_model"] = self.draft
-        import torch
-
         seed = self.args.seed
         if _distributed():  # every rank draws the same tokens from the same logits: one seed for all
-            seed = _from_rank0(seed if seed is not None else int(torch.seed() % 2**31))
+            seed = _from_rank0(seed if seed is not None else secrets.randbits(31))
         if seed is not None:
             from .utils import set_seed
 

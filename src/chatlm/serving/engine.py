@@ -13,6 +13,7 @@ from the worker's thread.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import deque
@@ -79,7 +80,6 @@ class Request:
     skip_special_tokens: bool = True  # False: the text keeps markers such as <tool_call> for the reply parser
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
-    choices_left: int = 0
 
 
 class Sequence:
@@ -90,13 +90,13 @@ class Sequence:
         params = request.params
         self.params = params
         self.tokens: list[int] = []
-        self.row = -1
         self.text = TextStream(tokenizer, params.stop, request.skip_special_tokens)
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
+            # no seed: a fresh one (torch.seed() would reseed the process's global generator too)
             self.generator.manual_seed(
-                params.seed + index if params.seed is not None else torch.seed() % 2**63
+                params.seed + index if params.seed is not None else secrets.randbits(63)
             )
         config = GenerationConfig(
             do_sample=params.temperature > 0, temperature=params.temperature, top_p=params.top_p, top_k=0
@@ -236,7 +236,6 @@ class Engine:
                 raise EngineStopped("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-            request.choices_left = request.n
             self.waiting.append(request)
             self.metrics.waiting = len(self.waiting)
         self.metrics.requests += 1
@@ -348,7 +347,6 @@ class Engine:
         finished = []
         for index, row in enumerate(rows):
             seq = Sequence(request, index, self.tokenizer, self.eos, self.vocab)
-            seq.row = row
             self.running[row] = seq
             if self._emit(seq, *seq.choose(logits)):
                 finished.append(row)
