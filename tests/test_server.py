@@ -359,6 +359,13 @@ def test_tool_choice_named_and_none(tools_url, bundled_model):
     calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
     assert [(t.function.name, t.function.arguments) for t in calls] == [("get_time", call.function.arguments)]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # "required": a call to one of the tools, whichever the model prefers, with JSON arguments
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=200
+    )
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name in {"get_weather", "get_time"} and r.choices[0].finish_reason == "tool_calls"
+    assert isinstance(json.loads(call.function.arguments), dict)
     # "none": the tools stay out of the prompt
     tok = AutoTokenizer.from_pretrained(None)
     tok.chat_template = AutoTokenizer.from_pretrained(None).chat_template

@@ -236,6 +236,8 @@ async def chat_completions(server: Server, http: Request) -> Any:
         raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
     if forced:  # the call's JSON must be complete and valid
         req.params.json_object, req.params.json_prefix = True, _json_part(forced)
+        if req.tool_choice == "required":  # the model picks the function, among the tools
+            req.params.json_starts = tuple(f'{tool["function"]["name"]}"' for tool in req.tools)
     server.fit(req.params, req.max_tokens_given, len(prompt))
     prefix = tok.decode(prompt, skip_special_tokens=False) if not reply_format.is_plain else ""
     job = Job(server.engine, prompt, req.params, req.n, skip_special=reply_format.is_plain)
@@ -314,7 +316,8 @@ def _json_part(forced: str) -> str:
 
 def _forced_tool_call(reply_format: ReplyFormat, choice) -> str:
     """``tool_choice`` "required" or a named function: the text the reply is made to start with (the call's
-    opening, and the name when it is given); the rest of the call is kept valid JSON as it is generated."""
+    opening, and the name when it is given); the rest of the call is kept valid JSON as it is generated, and a
+    name the model writes is one of the tools'."""
     if choice in ("auto", "none"):
         return ""
     syntax = reply_format.tool_calls

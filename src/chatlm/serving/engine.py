@@ -42,6 +42,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
     json_object: bool = False  # the reply is one JSON object (response_format json_object)
     json_prefix: str = ""  # JSON the prompt already began (a forced tool call's opening): the reply goes on
+    json_starts: tuple[
+        str, ...
+    ] = ()  # the reply begins with one of these (a forced call's name and its quote)
 
 
 @dataclass
@@ -165,6 +168,9 @@ class Sequence:
         if token in self.eos:
             return self.json.complete
         text = self.text.peek(token)
+        starts, so_far = self.params.json_starts, self.text.text + text
+        if starts and not any(start.startswith(so_far) or so_far.startswith(start) for start in starts):
+            return False
         state = self.json.copy()
         if text.endswith("\ufffd"):  # a character split across tokens: only inside a string
             return state.feed(text.rstrip("\ufffd")) and state.in_string
