@@ -195,7 +195,7 @@ def test_decode_attention_declines_what_it_does_not_do():
 @pytest.mark.parametrize(
     "group,scale_dtype", [(32, torch.bfloat16), (128, torch.float32), (64, torch.bfloat16)]
 )
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
 def test_int4_linear_reads_torch_layout_exactly(group, scale_dtype, m):
     from chatlm.quantization import layout_known, pack_int4, quantize_int4
 
@@ -213,6 +213,9 @@ def test_int4_linear_reads_torch_layout_exactly(group, scale_dtype, m):
     expected = x.double() @ w.T
     bound = 8 * 2.0**-24 * k * (x.abs().double() @ w.abs().T)  # float32 sums, x as it is (not bfloat16)
     assert ((got.double() - expected).abs() <= bound).all()
+    # rows go two at a time over each weight block: in a batch (a server's), every row gets the bits it gets alone
+    alone = torch.cat([kernels.int4_linear(x[t : t + 1], packed, sz, group) for t in range(m)])
+    assert torch.equal(got, alone)
     assert (
         kernels.int4_linear(x.bfloat16(), packed, sz, group) is None
     )  # bfloat16 activations: torch's kernel
