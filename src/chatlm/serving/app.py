@@ -428,7 +428,14 @@ async def completions(server: Server, http: Request) -> Any:
         own = SamplingParams(**vars(req.params))
         server.fit(own, req.max_tokens_given, len(p))
         params.append(own)
-    jobs = [Job(server.engine, p, own, req.n, skip_special=True) for p, own in zip(prompts, params)]
+    jobs: list[Job] = []
+    try:
+        for p, own in zip(prompts, params):
+            jobs.append(Job(server.engine, p, own, req.n, skip_special=True))
+    except APIError:  # the queue filled up part way: the prompts already in line go too
+        for job in jobs:
+            server.engine.cancel(job.request)
+        raise
     ident, created = new_id("cmpl"), int(time.time())
     texts = {}
     if req.echo:
