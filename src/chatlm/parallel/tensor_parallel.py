@@ -1,10 +1,11 @@
 """Tensor parallelism on torch.distributed, applied from a plan (`plans.TP_PLANS`).
 
-Each rank builds the model of a *local* config: 1/N of the attention heads (query and key/value alike) and of the
-MLP's hidden units, so its projections, its KV cache and its memory are 1/N of the whole. It then reads from the
-checkpoint only its slices of the split weights (`ShardSpec`), and the plan's rowwise layers sum their partial
-outputs over the ranks with one all-reduce each. Everything else (embeddings, norms, the LM head) is replicated.
-Every rank runs the same generation loop on the same input and gets the same logits.
+Each rank builds the model of a *local* config: 1/N of the attention heads (query and key/value alike), of the
+MLP's hidden units and of the experts, so its projections, its KV cache and its memory are 1/N of the whole. It
+then reads from the checkpoint only its slices of the split weights (`ShardSpec`), and the plan's rowwise layers
+and reduce modules sum their partial outputs over the ranks with one all-reduce each. Everything else (embeddings,
+norms, the LM head) is replicated. Every rank runs the same generation loop on the same input and gets the same
+logits.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ class TensorParallel:
         return self.rank * share, (self.rank + 1) * share
 
 
-def setup(device_type: str) -> TensorParallel | None:
-    """The process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...), started if not yet; None when
-    this process is not part of one."""
+def setup(device_type: str) -> TensorParallel:
+    """This process's place in the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...), which is
+    started here if the script did not start it."""
     if not dist.is_available():
         raise ValueError("tp_plan needs torch.distributed, which this build of PyTorch lacks")
     if not dist.is_initialized():
