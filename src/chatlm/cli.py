@@ -23,6 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatlm", description="Chat with open models on your own hardware.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def weights(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+        p.add_argument(
+            "--quantization",
+            choices=("none", "int8", "int4"),
+            default="none",
+            help="keep the weights in 8 or 4 bits on the CPU (int4 keeps a 4-bit GGUF's blocks; default none)",
+        )
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--system", help="a system message to start the chat with")
         p.add_argument(
@@ -36,14 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
         p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-        p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
-        p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-        p.add_argument(
-            "--quantization",
-            choices=("none", "int8", "int4"),
-            default="none",
-            help="keep the weights in 8 or 4 bits on the CPU (int4 keeps a 4-bit GGUF's blocks; default none)",
-        )
+        weights(p)
         p.add_argument(
             "--prompt-lookup",
             type=_positive_int,
@@ -156,11 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait; more get 429 (default 64)",
     )
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API")
-    serve.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
-    serve.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    serve.add_argument(
-        "--quantization", choices=("none", "int8", "int4"), default="none", help="weight quantization"
-    )
+    weights(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 
@@ -186,23 +185,28 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _load_model(model_ref: str | None, args: argparse.Namespace, tensor_parallel: bool):
+    """The model as --dtype, --device and --quantization say (split over torchrun's ranks if asked)."""
+    from .auto import AutoModelForCausalLM
+    from .bench import quantization_config
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_ref,
+        torch_dtype=args.dtype,
+        device_map=args.device,
+        quantization_config=quantization_config(args.quantization),
+        tp_plan="auto" if tensor_parallel else None,
+    )
+
+
 class Session:
     """A loaded model and tokenizer plus the chat so far."""
 
     def __init__(self, model_ref: str | None, args: argparse.Namespace):
-        from .auto import AutoModelForCausalLM
         from .tokenizer import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_ref)
-        from .bench import quantization_config
-
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_ref,
-            torch_dtype=args.dtype,
-            device_map=args.device,
-            quantization_config=quantization_config(args.quantization),
-            tp_plan="auto" if _distributed() else None,
-        )
+        self.model = _load_model(model_ref, args, tensor_parallel=_distributed())
         if self.tokenizer.chat_template is None:
             raise ValueError(
                 f"{model_ref or 'the model'} has no chat template; use `chatlm run` with plain text"
@@ -211,12 +215,7 @@ class Session:
             raise ValueError("choose one of --prompt-lookup and --draft")
         self.draft = None
         if args.draft:
-            self.draft = AutoModelForCausalLM.from_pretrained(
-                args.draft,
-                torch_dtype=args.dtype,
-                device_map=args.device,
-                quantization_config=quantization_config(args.quantization),
-            )
+            self.draft = _load_model(args.draft, args, tensor_parallel=False)  # whole on every rank
         self.system, self.args = args.system, args
         self.reset()
 
@@ -471,8 +470,6 @@ def _write_reasoning(text: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .auto import AutoModelForCausalLM
-    from .bench import quantization_config
     from .serving.app import create_app
     from .tokenizer import AutoTokenizer
 
@@ -481,13 +478,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             "chatlm: warning: the model has no chat template; only /v1/completions will work", file=sys.stderr
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model,
-        torch_dtype=args.dtype,
-        device_map=args.device,
-        quantization_config=quantization_config(args.quantization),
-        tp_plan="auto" if _distributed() else None,
-    )
+    model = _load_model(args.model, args, tensor_parallel=_distributed())
     side = None
     if (
         _distributed()
