@@ -234,3 +234,31 @@ def test_chunked_prefill_matches_transformers(monkeypatch, tiny_checkpoints, var
     assert got.sequences.tolist() == expected.sequences.tolist()
     for a, b in zip(got.scores, expected.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_output_logits_and_logprobs_match_transformers(model, hf_model):
+    """output_logits (raw) and output_scores (processed: the repetition penalty here), and the log-probabilities
+    of the chosen tokens that compute_transition_scores derives from them: log_softmax of the scores."""
+    prompt = ids(seed=10)
+    options = dict(
+        max_new_tokens=6,
+        do_sample=False,
+        repetition_penalty=1.3,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        eos_token_id=None,
+    )
+    ours = model.generate(prompt, **options)
+    theirs = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), **options)
+    assert ours.sequences.tolist() == theirs.sequences.tolist()
+    for kind in ("logits", "scores"):
+        for a, b in zip(getattr(ours, kind), getattr(theirs, kind), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert any(not torch.allclose(a, b) for a, b in zip(ours.logits, ours.scores))  # the penalty acted
+    logprobs = model.compute_transition_scores(ours.sequences, ours.scores, normalize_logits=True)
+    expected = hf_model.compute_transition_scores(theirs.sequences, theirs.scores, normalize_logits=True)
+    torch.testing.assert_close(logprobs, expected, atol=1e-4, rtol=0)
+    new = ours.sequences[0, prompt.shape[1] :]
+    by_hand = [float(s[0].log_softmax(-1)[t]) for s, t in zip(ours.scores, new.tolist())]
+    assert logprobs[0].tolist() == pytest.approx(by_hand, abs=1e-6)

@@ -170,6 +170,55 @@ def test_logprobs_are_the_models(client, bundled_model):
         assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely
 
 
+def test_top_k_min_p_and_repetition_penalty(client, bundled_model):
+    """vLLM's and llama.cpp's sampling options: repetition_penalty at temperature 0 replies as generate does (itself
+    checked against transformers); each token sampled with top_k is among the k most likely, and with min_p at
+    least min_p times as likely (after temperature) as the most likely; top_k=1 is greedy."""
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    tok = AutoTokenizer.from_pretrained(None)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    eos = set(bundled_model.generation_config.eos_token_ids)
+
+    def reply(**options) -> str:
+        out = bundled_model.generate(ids, max_new_tokens=24, **options)[0, ids.shape[1] :].tolist()
+        end = next((i for i, t in enumerate(out) if t in eos), len(out))
+        return tok.decode(out[:end], skip_special_tokens=True)
+
+    penalised = reply(repetition_penalty=1.5)
+    assert penalised != reply()  # the penalty changes this reply
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=0, max_tokens=24, extra_body={"repetition_penalty": 1.5}
+    )
+    assert r.choices[0].message.content == penalised
+
+    temperature = 1.5
+
+    def sampled(k: int, **extra) -> list:
+        r = client.chat.completions.create(
+            model=NAME,
+            messages=messages,
+            temperature=temperature,
+            max_tokens=30,
+            seed=3,
+            logprobs=True,
+            top_logprobs=k,
+            extra_body=extra,
+        )
+        return r.choices[0].logprobs.content
+
+    outside_top_3 = lambda entries: [e for e in entries if e.logprob < e.top_logprobs[-1].logprob - 1e-4]  # noqa: E731
+    assert outside_top_3(sampled(3))  # unrestricted, this seed draws less likely tokens
+    assert not outside_top_3(sampled(3, top_k=3))
+    floor = temperature * math.log(0.3)
+    unlikely = lambda entries: [e for e in entries if e.logprob - e.top_logprobs[0].logprob < floor - 1e-4]  # noqa: E731
+    assert unlikely(sampled(1))
+    assert not unlikely(sampled(1, min_p=0.3))
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=1.0, max_tokens=24, seed=4, extra_body={"top_k": 1}
+    )
+    assert r.choices[0].message.content == reply()
+
+
 def test_stop_strings_max_tokens_and_n(client, bundled_model):
     messages = [{"role": "user", "content": QUESTIONS[2]}]
     text = greedy_reply(bundled_model, messages, 40)[0]
@@ -244,6 +293,8 @@ def test_bad_requests_get_openai_errors(server):
     assert error(post({"messages": "hi"}), 400)["param"] == "messages"
     assert error(post({}), 400)["param"] == "messages"
     assert error(post({"messages": chat, "top_logprobs": 2}), 400)["param"] == "top_logprobs"
+    for name, value in (("top_k", -2), ("top_k", 1.5), ("min_p", 1.5), ("repetition_penalty", 0)):
+        assert error(post({"messages": chat, name: value}), 400)["param"] == name
     over = error(post({"messages": chat, "max_tokens": 10**6}), 400)
     assert over["code"] == "context_length_exceeded" and "tokens over" in over["message"]
     assert error(post({"model": "gpt-4o", "messages": chat}), 404)["code"] == "model_not_found"

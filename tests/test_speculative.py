@@ -176,7 +176,8 @@ def test_governor_stops_guessing_while_it_loses_and_tries_again():
 
 
 def test_speculation_with_a_losing_governor_is_still_plain_greedy(tiny_checkpoints):
-    from chatlm.generation.speculative import Governor, PromptLookup, SpeculationStats, speculative_steps
+    from chatlm.generation.generate import generate_steps
+    from chatlm.generation.speculative import Governor, PromptLookup, SpeculationStats
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
     ids = repetitive_prompt(model.config.vocab_size, seed=6)
@@ -190,7 +191,9 @@ def test_speculation_with_a_losing_governor_is_still_plain_greedy(tiny_checkpoin
     config = model.generation_config.update(eos_token_id=None)
     with torch.inference_mode():
         steps = list(
-            speculative_steps(model, ids, None, config, 20, PromptLookup(4), stats, governor=AlwaysLoses(8))
+            generate_steps(
+                model, ids, None, config, 20, proposer=PromptLookup(4), stats=stats, governor=AlwaysLoses(8)
+            )
         )
     assert [int(s.tokens[0]) for s in steps] == plain[0, ids.shape[1] :].tolist()
     assert stats.rounds > 20 - stats.accepted - 1 and stats.proposed <= 3 * 4  # few rounds guessed at all
@@ -240,12 +243,12 @@ def test_speculative_sampling_draws_from_the_models_distribution(tmp_path):
     """Many two-token samples (rows of batches) through prompt lookup and through a draft model, against the chat model's own
     distribution of the next two tokens (a chi-square test; the same test rejects the draft's distribution).
     Every round guesses (no governor pauses), so both tokens come out of the rejection rule's round."""
+    from chatlm.generation.generate import generate_steps
     from chatlm.generation.speculative import (
         DraftModel,
         Governor,
         PromptLookup,
         SpeculationStats,
-        speculative_steps,
     )
 
     class AlwaysGuess(Governor):
@@ -271,8 +274,16 @@ def test_speculative_sampling_draws_from_the_models_distribution(tmp_path):
         with torch.inference_mode():
             for _ in range(samples // batch):  # rows of a batch are independent samples
                 proposer = PromptLookup(2) if name == "lookup" else DraftModel(draft, config, generator)
-                steps = speculative_steps(
-                    model, rows, None, config, 2, proposer, stats, governor=AlwaysGuess(), generator=generator
+                steps = generate_steps(
+                    model,
+                    rows,
+                    None,
+                    config,
+                    2,
+                    generator,
+                    proposer=proposer,
+                    stats=stats,
+                    governor=AlwaysGuess(),
                 )
                 t1, t2 = (step.tokens for step in steps)
                 counts.index_add_(0, t1 * vocab + t2, torch.ones(batch, dtype=torch.float64))
@@ -358,7 +369,8 @@ def test_batched_speculation_is_plain_batched_greedy(tmp_path, tiny_checkpoints,
 def test_batch_rows_keep_their_own_accepted_guesses(tiny_checkpoints):
     """Row 0 is always guessed right, rows 1 and 2 always wrong: row 0 keeps every guess (3 a round, done in 5
     rounds) while the others settle one token a round; nobody is held back to the least lucky row."""
-    from chatlm.generation.speculative import Governor, SpeculationStats, speculative_steps
+    from chatlm.generation.generate import generate_steps
+    from chatlm.generation.speculative import Governor, SpeculationStats
 
     class AlwaysGuess(Governor):
         def should_guess(self) -> bool:
@@ -390,7 +402,9 @@ def test_batch_rows_keep_their_own_accepted_guesses(tiny_checkpoints):
     stats = SpeculationStats()
     config = model.generation_config.update(eos_token_id=None)
     with torch.inference_mode():
-        steps = speculative_steps(model, ids, mask, config, 20, Oracle(), stats, governor=AlwaysGuess())
+        steps = generate_steps(
+            model, ids, mask, config, 20, proposer=Oracle(), stats=stats, governor=AlwaysGuess()
+        )
         got = torch.stack([step.tokens for step in steps], dim=1)
     assert got.tolist() == replies.tolist()
     assert stats.accepted == 15 and stats.rounds == 20  # row 0: 5 rounds of 3 kept guesses and one more token

@@ -168,6 +168,15 @@ class CausalLM(nn.Module):
 
         return generate(self, input_ids, **kwargs)
 
+    def compute_transition_scores(
+        self, sequences: torch.Tensor, scores: tuple[torch.Tensor, ...], normalize_logits: bool = False
+    ) -> torch.Tensor:
+        """Each generated token's score, (batch, new tokens), as transformers computes it; with
+        ``normalize_logits=True``, its log-probability."""
+        from .generation.generate import compute_transition_scores
+
+        return compute_transition_scores(sequences, scores, normalize_logits)
+
     # --- vital statistics -------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

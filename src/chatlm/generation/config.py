@@ -32,6 +32,7 @@ class GenerationConfig:
     use_cache: bool = True
     return_dict_in_generate: bool = False
     output_scores: bool = False
+    output_logits: bool = False
     # Speculative decoding (chatlm.generation.speculative): drafts from the text so far, or from an assistant model.
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None

@@ -1,33 +1,39 @@
-"""Decoding: a step generator that yields token ids, and ``generate`` that runs it the way transformers does."""
+"""``generate`` as transformers runs it, on the one decode-step loop (`decoding.Decoder`): prefill the prompt, then
+step every row of the batch, with a proposer's guesses when decoding speculatively, and hand the tokens out
+column by column."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .config import GenerationConfig
-from .sampling import choose_tokens, make_processors
+from .decoding import Decoder, Row
+from .ragged_cache import RaggedCache
+from .sampling import RowSampler, SamplingParams
 from .speculative import (
     DraftModel,
     EarlyExitDraft,
+    Governor,
     PromptLookup,
     SpeculationStats,
     check_speculation,
-    speculative_steps,
 )
 
 
 @dataclass
 class Step:
-    """One decoding step: the chosen token per row (B,), which rows were already done before it, and the
-    processed scores (B, vocab) the token was chosen from."""
+    """One column of the batch: the chosen token per row (B,), which rows were already done before it, and the
+    processed scores and raw logits (B, vocab) the tokens were chosen from."""
 
     tokens: torch.Tensor
     done: torch.Tensor
     scores: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -35,7 +41,8 @@ class GenerateOutput:
     """What ``generate(..., return_dict_in_generate=True)`` returns, as in transformers."""
 
     sequences: torch.Tensor
-    scores: tuple[torch.Tensor, ...] | None = None
+    scores: tuple[torch.Tensor, ...] | None = None  # processed scores per step (output_scores)
+    logits: tuple[torch.Tensor, ...] | None = None  # raw logits per step (output_logits)
     speculation: SpeculationStats | None = None  # guesses proposed / accepted, when decoding speculatively
 
     def __getitem__(self, key):
@@ -81,99 +88,98 @@ def _longrope(model) -> bool:
 def generate_steps(
     model,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     config: GenerationConfig,
     max_new_tokens: int,
     generator: torch.Generator | None = None,
-    stop_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    tokenizer=None,
+    proposer=None,
+    stats: SpeculationStats | None = None,
+    governor: Governor | None = None,
+    keep_scores: bool = True,
 ) -> Iterator[Step]:
-    """Prefill, then decode one token per step for every row until every row is done (an end-of-sequence token,
-    or ``stop_check(tokens, done)`` says so) or ``max_new_tokens`` are out. Rows that finished get the pad token."""
+    """Decode a batch (left padding allowed) until every row is done (an end-of-sequence token, a stop string, or
+    ``max_new_tokens``), one `Step` per column; finished rows get the pad token. With a ``proposer`` (and
+    ``stats``, ``governor``), each step checks its guesses (`chatlm.generation.speculative`); a row that got
+    ahead of the others holds its tokens back until every unfinished row has one for that column."""
     batch, prompt_length = input_ids.shape
-    eos = torch.tensor(config.eos_token_ids, device=input_ids.device, dtype=torch.long)
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    params = SamplingParams.from_generation_config(config, prompt_length, max_new_tokens)
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
-    min_new = config.min_new_tokens or max(0, (config.min_length or 0) - prompt_length)
-    processors = make_processors(config)
+    if params.stop and tokenizer is None:
+        raise ValueError(
+            "stop_strings needs the tokenizer: call generate(..., stop_strings=..., tokenizer=tok)"
+        )
 
-    cache = model.new_cache(batch, prompt_length + max_new_tokens)
-    padded = not bool(attention_mask.all())
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    mask = torch.ones(batch, prompt_length + max_new_tokens, dtype=torch.long, device=input_ids.device)
-    mask[:, :prompt_length] = attention_mask
-    ids = torch.empty(batch, prompt_length + max_new_tokens, dtype=torch.long, device=input_ids.device)
-    ids[:, :prompt_length] = input_ids
-    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    cache = RaggedCache(model, batch, prompt_length + max_new_tokens + 16)
+    # Speculation feeds the prompt's last token with the first round's guesses; plain decoding takes the first
+    # token from the prompt's logits.
+    cached = prompt_length - 1 if proposer is not None else prompt_length
+    logits = _prefill(model, cache, input_ids[:, :cached], attention_mask[:, :cached].bool())
+    decoder = Decoder(
+        cache, proposer, governor or (Governor() if proposer else None), stats, keep_scores=keep_scores
+    )
+    held: list[deque] = [deque() for _ in range(batch)]  # tokens settled, not handed out yet
+    for r in range(batch):
+        tokens = input_ids[r][attention_mask[r].bool()].tolist()
+        sampler = RowSampler(params, input_ids[r], params.stop_token_ids, model.config.vocab_size, generator)
+        row = Row(sampler, tokens, _stop_text(tokenizer, params.stop))
+        held[r].extend(decoder.add(r, row, logits[r] if proposer is None else None))
 
-    # The prompt in chunks: activations stay bounded by the chunk, not the prompt (an 8K-token prompt through a 1B
-    # model's MLP would otherwise hold hundreds of MB at once). Longrope models take the whole prompt in one call,
-    # since the rope factors they rotate with depend on the positions of the call.
-    chunk = prompt_length if _longrope(model) else PREFILL_CHUNK
-    for start in range(0, prompt_length, chunk):
-        stop = min(prompt_length, start + chunk)
-        logits = model(
-            input_ids[:, start:stop],
-            attention_mask=mask[:, :stop] if padded else None,
-            position_ids=positions[:, start:stop],
-            past_key_values=cache,
-            logits_to_keep=1,
-        ).logits[:, -1]
-    length = prompt_length
-    for step in range(max_new_tokens):
-        scores = logits.float()
-        for process in processors:
-            scores = process(ids[:, :length], scores)
-        if step < min_new and eos.numel():
-            scores[:, eos] = -float("inf")
-        tokens = choose_tokens(scores, config.do_sample, generator)
-        tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
-        ids[:, length] = tokens
-        length += 1
-        yield Step(tokens, done.clone(), scores)
-        if eos.numel():
-            done |= torch.isin(tokens, eos)
-        if stop_check is not None:
-            done |= stop_check(tokens, done)
-        if bool(done.all()) or step == max_new_tokens - 1:
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        while not all(held[r] for r in range(batch) if not done[r]):
+            for r, settled in decoder.step().items():
+                held[r].extend(settled)
+        picked = [held[r].popleft() if not done[r] else None for r in range(batch)]
+        tokens = torch.tensor([p.token if p else pad for p in picked], dtype=torch.long, device=device)
+        scores = logits_ = None
+        if keep_scores:
+            like = next(p for p in picked if p)
+            scores = torch.stack([p.scores if p else _certain(pad, like.scores) for p in picked])
+            logits_ = torch.stack([p.logits if p else _certain(pad, like.logits) for p in picked])
+        yield Step(tokens, done.clone(), scores, logits_)
+        for r, p in enumerate(picked):
+            if p is not None and p.finish_reason is not None:
+                done[r] = True
+                held[r].clear()
+                decoder.drop(r)
+        if bool(done.all()):
             return
-        positions = positions[:, -1:] + 1
-        fed = tokens[:, None]
-        if model.recompute_cache(cache.offset, length):  # the cached keys are stale: run the whole sequence
-            cache.trim(cache.offset)
-            positions = (mask[:, :length].cumsum(-1) - 1).clamp(min=0)
-            fed = ids[:, :length]
-        logits = model(
-            fed,
-            attention_mask=mask[:, :length] if padded else None,
-            position_ids=positions,
-            past_key_values=cache,
-            logits_to_keep=1,
-        ).logits[:, -1]
 
 
-class _StopStrings:
-    """Ends a row once its generated text contains one of the stop strings (the string stays in the output)."""
+def _prefill(model, cache: RaggedCache, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor | None:
+    """Feed the prompt in chunks, so that activations stay bounded by the chunk, not the prompt (an 8K-token
+    prompt through a 1B model's MLP would otherwise hold hundreds of MB at once): the last column's logits.
+    Longrope models take the prompt in one call, since the rope factors they rotate with depend on the positions
+    of the call."""
+    length = ids.shape[1]
+    chunk = length if getattr(model, "_longrope_context", None) is not None else PREFILL_CHUNK
+    logits = None
+    for start in range(0, length, max(chunk, 1)):
+        stop = min(length, start + chunk)
+        logits = cache.forward(ids[:, start:stop], real[:, start:stop], logits_to_keep=1)[:, -1]
+    return logits
 
-    def __init__(self, stop_strings, tokenizer, batch: int):
-        if tokenizer is None:
-            raise ValueError(
-                "stop_strings needs the tokenizer: call generate(..., stop_strings=..., tokenizer=tok)"
-            )
-        self.stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        if not self.stops or not all(isinstance(s, str) and s for s in self.stops):
-            raise ValueError("stop_strings must be a non-empty string or a list of non-empty strings")
-        self.tokenizer = tokenizer
-        self.generated: list[list[int]] = [[] for _ in range(batch)]
-        self.window = max(len(s) for s in self.stops) + 8  # tokens: every token holds at least one character
 
-    def hit(self, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        hits = torch.zeros_like(done)
-        for row, token in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            self.generated[row].append(token)
-            tail = self.tokenizer.decode(self.generated[row][-self.window :])
-            hits[row] = any(s in tail for s in self.stops)  # a row stops at its first hit, so any hit is new
-        return hits
+def _stop_text(tokenizer, stops: tuple[str, ...]):
+    """A row's text stream when it has stop strings to watch for (transformers keeps the string in the output)."""
+    if not stops:
+        return None
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError("stop_strings must be a non-empty string or a list of non-empty strings")
+    from ..serving.detokenize import TextStream
+
+    return TextStream(tokenizer, stops, skip_special_tokens=False)
+
+
+def _certain(token: int, like: torch.Tensor) -> torch.Tensor:
+    """The scores of a row that is done: certain of the pad token it gets."""
+    scores = torch.full_like(like, -float("inf"))
+    scores[token] = 0
+    return scores
 
 
 def generate(
@@ -233,49 +239,65 @@ def generate(
         )
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    stops = _StopStrings(config.stop_strings, tokenizer, batch) if config.stop_strings else None
-    out, scores = [input_ids], []
-    speculation = None
+    proposer = stats = None
     if (
         assistant_model is not None
         or config.prompt_lookup_num_tokens is not None
         or config.assistant_early_exit is not None
     ):
         check_speculation(config, assistant_model, right_padded)
-        speculation = SpeculationStats()
+        stats = model.last_speculation = SpeculationStats()
         if config.assistant_early_exit is not None:
             proposer = EarlyExitDraft(model, config.assistant_early_exit, config, generator)
         elif assistant_model is not None:
             proposer = DraftModel(assistant_model, config, generator)
         else:
             proposer = PromptLookup(config.prompt_lookup_num_tokens, config.max_matching_ngram_size or 2)
-        model.last_speculation = speculation
+    keep_scores = config.output_scores or config.output_logits
+    out, scores, logits = [input_ids], [], []
     with torch.inference_mode():
-        if speculation is not None:
-            steps = speculative_steps(
-                model,
-                input_ids,
-                attention_mask,
-                config,
-                max_new,
-                proposer,
-                speculation,
-                stops.hit if stops else None,
-                generator=generator,
-            )
-        else:
-            steps = generate_steps(
-                model, input_ids, attention_mask, config, max_new, generator, stops.hit if stops else None
-            )
+        steps = generate_steps(
+            model,
+            input_ids,
+            attention_mask,
+            config,
+            max_new,
+            generator,
+            tokenizer,
+            proposer,
+            stats,
+            keep_scores=keep_scores,
+        )
         for step in steps:
             out.append(step.tokens[:, None])
             if config.output_scores:
                 scores.append(step.scores)
+            if config.output_logits:
+                logits.append(step.logits)
             if streamer is not None:
                 streamer.put(step.tokens.cpu())
     if streamer is not None:
         streamer.end()
     sequences = torch.cat(out, dim=1)
     if config.return_dict_in_generate:
-        return GenerateOutput(sequences, tuple(scores) if config.output_scores else None, speculation)
+        return GenerateOutput(
+            sequences,
+            tuple(scores) if config.output_scores else None,
+            tuple(logits) if config.output_logits else None,
+            stats,
+        )
     return sequences
+
+
+def compute_transition_scores(
+    sequences: torch.Tensor, scores: tuple[torch.Tensor, ...], normalize_logits: bool = False
+) -> torch.Tensor:
+    """transformers' ``compute_transition_scores`` for greedy and sampled output: the score of each generated
+    token, (batch, new tokens); ``normalize_logits=True`` gives its log-probability (log-softmax over the
+    vocabulary). Pass ``output.scores`` for the processed scores or ``output.logits`` for the raw ones."""
+    stacked = torch.stack(scores, dim=1).float()  # (batch, new, vocab)
+    if normalize_logits:
+        stacked = stacked.log_softmax(-1)
+    chosen = sequences[:, sequences.shape[1] - stacked.shape[1] :]
+    picked = stacked.gather(-1, chosen[..., None].to(stacked.device))[..., 0]
+    return picked.masked_fill(torch.isinf(picked), 0.0)

@@ -26,6 +26,14 @@ class RaggedCache:
     def offset(self) -> int:
         return self.cache.offset
 
+    @property
+    def device(self) -> torch.device:
+        return self.lengths.device
+
+    def stale(self) -> bool:
+        """Whether the model wants the cached keys computed again before one more token (Phi-3's long rope)."""
+        return self.model.recompute_cache(self.cache.offset, self.cache.offset + 1)
+
     def forward(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (B, W, vocab) of ``tokens`` (B, W) appended to each row; ``real`` (B, W) marks the tokens that
         belong to the row's sequence (in order), the others are filler whose logits mean nothing.

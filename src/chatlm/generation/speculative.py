@@ -23,22 +23,19 @@ plain steps (a reply that quotes nothing gives prompt lookup little to accept), 
 
 Batches (left padding allowed) speculate with every proposer, greedy or sampling: each row guesses, and keeps,
 its own number of tokens a round. Its cache rows advance unevenly (`RaggedCache`: rejected slots are masked, not
-moved), and a row that got ahead holds its tokens back until every unfinished row has one for that column, so
-the steps still come out column by column as plain batched decoding's.
+moved). The rounds are steps of the one decode loop (`decoding.Decoder`), which checks the guesses with each
+row's `RowSampler`; this module holds the proposers and the governor.
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .config import GenerationConfig
 from .ragged_cache import RaggedCache
-from .sampling import make_processors
+from .sampling import RowSampler
 
 
 @dataclass
@@ -111,7 +108,7 @@ class PromptLookup:
         return []
 
     def propose(
-        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], eos_banned: dict[int, int]
+        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], samplers: dict[int, RowSampler]
     ) -> dict[int, list[int]]:
         return {row: self.lookup(seq)[: limits[row]] for row, seq in seqs.items()}
 
@@ -121,15 +118,13 @@ class PromptLookup:
 
 class DraftModel:
     """Guesses by decoding with a smaller model that shares the tokenizer, in a cache of its own (one row per row
-    of the batch), through the chat model's own logits processors: the guesses it would make."""
+    of the batch), choosing as each row's own sampler would (a fork of it, advanced through the guesses)."""
 
     def __init__(self, model, config: GenerationConfig, generator: torch.Generator | None = None):
         self.model = model
         self.k = config.num_assistant_tokens
         self.adaptive = config.num_assistant_tokens_schedule == "heuristic"
-        self.sampling, self.generator = config.do_sample, generator
-        self.processors = make_processors(config)
-        self.eos = list(config.eos_token_ids)
+        self.generator = generator
         self.cache: RaggedCache | None = None
         self.distributions: dict[int, list[torch.Tensor]] = {}  # when sampling: each guess's distribution
 
@@ -137,7 +132,7 @@ class DraftModel:
         self.cache = RaggedCache(self.model, main.cache.batch_size, main.cache.capacity)
 
     def propose(
-        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], eos_banned: dict[int, int]
+        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], samplers: dict[int, RowSampler]
     ) -> dict[int, list[int]]:
         """seqs: each guessing row's real tokens so far (no padding), the last one pending (not in any cache)."""
         cache = self.cache
@@ -146,35 +141,31 @@ class DraftModel:
             row: seq[int(cache.lengths[row]) :] for row, seq in seqs.items()
         }  # up to the pending token
         width = max(t.shape[0] for t in lacking.values())
-        fed = torch.zeros(batch, width, dtype=torch.long, device=cache.lengths.device)
+        fed = torch.zeros(batch, width, dtype=torch.long, device=cache.device)
         real = torch.zeros(batch, width, dtype=torch.bool, device=fed.device)
         for row, tokens in lacking.items():
             fed[row, : tokens.shape[0]], real[row, : tokens.shape[0]] = tokens, True
         last = {row: t.shape[0] - 1 for row, t in lacking.items()}
         guesses: dict[int, list[int]] = {row: [] for row in seqs}
         self.distributions = {row: [] for row in seqs}
-        seen = dict(seqs)
+        forks = {row: samplers[row].fork() for row in seqs}
         for step in range(min(self.k, max(limits.values()))):
             logits = cache.forward(fed, real)
             fed = torch.zeros(batch, 1, dtype=torch.long, device=fed.device)
             real = torch.zeros(batch, 1, dtype=torch.bool, device=fed.device)
-            for row in seqs:
+            for row, sampler in forks.items():
                 if step >= limits[row]:
                     continue
-                scores = logits[row, last[row]].float()[None]
-                for process in self.processors:
-                    scores = process(seen[row][None], scores)
-                if step < eos_banned[row] and self.eos:
-                    scores[:, self.eos] = -float("inf")
-                if self.sampling:
+                scores = sampler.scores(logits[row, last[row]])
+                if sampler.params.greedy:
+                    token = int(scores.argmax())
+                else:
                     probs = scores.softmax(-1)[0]
                     token = int(torch.multinomial(probs, 1, generator=self.generator))
                     self.distributions[row].append(probs)
-                else:
-                    token = int(scores.argmax())
+                sampler.take(token)
                 guesses[row].append(token)
                 fed[row, 0], real[row, 0] = token, True
-                seen[row] = torch.cat([seen[row], fed[row]])
             last = dict.fromkeys(seqs, 0)
         return guesses
 
@@ -206,39 +197,16 @@ class EarlyExitDraft(DraftModel):
         self.cache = main
 
     def propose(
-        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], eos_banned: dict[int, int]
+        self, seqs: dict[int, torch.Tensor], limits: dict[int, int], samplers: dict[int, RowSampler]
     ) -> dict[int, list[int]]:
         saved = self.cache.save()
         with self.model.early_exit(self.layers):
-            guesses = super().propose(seqs, limits, eos_banned)
+            guesses = super().propose(seqs, limits, samplers)
         self.cache.restore(saved)
         return guesses
 
     def settled(self, lengths: dict[int, int], all_accepted: bool) -> None:
         self._adapt(all_accepted)  # the cache is the model's: nothing to trim here
-
-
-def accept(
-    target: torch.Tensor, guess: int | None, draft: torch.Tensor | None, generator: torch.Generator | None
-) -> int:
-    """Speculative sampling's rule (Leviathan et al. 2023, Chen et al. 2023): keep a guess drawn from ``draft``
-    with probability min(1, target / draft) at the guess, else draw from the normalised max(0, target - draft).
-    The token that comes out is distributed as ``target`` exactly. A guess with no draft distribution (prompt
-    lookup) was certain: draft is 1 at the guess. No guess: a plain draw from ``target``."""
-    if guess is None:
-        return int(torch.multinomial(target, 1, generator=generator))
-    q = float(draft[guess]) if draft is not None else 1.0
-    u = float(torch.rand((), generator=generator))
-    if u * q < float(target[guess]):  # u < target / draft, without dividing by a tiny q
-        return guess
-    if draft is not None:
-        residual = (target - draft).clamp(min=0)
-    else:
-        residual = target.clone()
-        residual[guess] = 0
-    if float(residual.sum()) <= 0:  # target == draft: the rule cannot reject; only rounding gets here
-        return guess
-    return int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
 
 
 def check_speculation(config: GenerationConfig, assistant_model, right_padded: bool = False) -> None:
@@ -253,137 +221,3 @@ def check_speculation(config: GenerationConfig, assistant_model, right_padded: b
         raise ValueError(
             "choose one of assistant_model, prompt_lookup_num_tokens and assistant_early_exit, not several"
         )
-
-
-def speculative_steps(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    config: GenerationConfig,
-    max_new_tokens: int,
-    proposer,
-    stats: SpeculationStats,
-    stop_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    governor: Governor | None = None,
-    generator: torch.Generator | None = None,
-) -> Iterator:
-    """Steps (as ``generate_steps`` yields them: one column of the batch each) of decoding a batch, left padding
-    allowed, with guesses from ``proposer`` checked in one forward pass per round: greedy, or sampling with the
-    rejection rule (see `accept`). Each row keeps all of its own accepted guesses; a row that got ahead of the
-    others holds its tokens back until every unfinished row has one for that column."""
-    from .generate import PREFILL_CHUNK, Step
-
-    batch, prompt_length = input_ids.shape
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    eos = list(config.eos_token_ids)
-    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos or [0])[0]
-    min_new = config.min_new_tokens or max(0, (config.min_length or 0) - prompt_length)
-    processors = make_processors(config)
-    governor = governor or Governor()
-    ids = torch.full((batch, prompt_length + max_new_tokens), pad, dtype=torch.long, device=device)
-    ids[:, :prompt_length] = input_ids  # the padded prompt, then each row's own tokens
-    padding = (attention_mask == 0).sum(-1).tolist()
-    produced = [0] * batch  # tokens generated per row, emitted or held back
-    finished = [False] * batch  # a row generates no more: it ended, reached max_new_tokens or hit a stop
-    held: list[deque] = [deque() for _ in range(batch)]  # (token, scores) generated, not yet emitted
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    emitted = 0
-
-    main = RaggedCache(model, batch, prompt_length + max_new_tokens + 16)
-    real_prompt = attention_mask.bool()
-    for start in range(0, prompt_length - 1, PREFILL_CHUNK):  # all but the pending last token
-        stop = min(prompt_length - 1, start + PREFILL_CHUNK)
-        main.forward(input_ids[:, start:stop], real_prompt[:, start:stop], logits_to_keep=1)
-    proposer.start(main)
-
-    def choose(row: int, logits: torch.Tensor, guess: int | None, i: int) -> tuple[int, torch.Tensor]:
-        """The token after the row's sequence so far from its raw logits: plain decoding's choice when greedy;
-        when sampling, the guess if the rejection rule keeps it, else a draw that makes the result exactly the
-        model's."""
-        length = prompt_length + produced[row]
-        scores = logits.float()[None]
-        for process in processors:
-            scores = process(ids[row : row + 1, :length], scores)
-        if produced[row] < min_new and eos:
-            scores[:, eos] = -float("inf")
-        if not config.do_sample:
-            return int(scores.argmax(-1)), scores[0]
-        draft = proposer.distributions[row][i] if guess is not None and proposer.distributions else None
-        return accept(scores.softmax(-1)[0], guess, draft, generator), scores[0]
-
-    def round_of_guesses() -> None:
-        started = time.perf_counter()
-        active = [row for row in range(batch) if not finished[row]]
-        limits = {row: max_new_tokens - produced[row] - 1 for row in active}
-        guessing = [row for row in active if limits[row] > 0]
-        guesses: dict[int, list[int]] = {}
-        if guessing and governor.should_guess():
-            seqs = {row: ids[row, padding[row] : prompt_length + produced[row]] for row in guessing}
-            banned = {row: min_new - produced[row] for row in guessing}  # guess i is token produced + i
-            guesses = proposer.propose(seqs, {row: limits[row] for row in guessing}, banned)
-        width = 1 + max((len(g) for g in guesses.values()), default=0)
-        fed = torch.full((batch, width), pad, dtype=torch.long, device=device)
-        real = torch.zeros(batch, width, dtype=torch.bool, device=device)
-        for row in active:
-            g = guesses.get(row, [])
-            fed[row, 0] = ids[row, prompt_length + produced[row] - 1]
-            fed[row, 1 : 1 + len(g)] = torch.tensor(g, dtype=torch.long, device=device)
-            real[row, : 1 + len(g)] = True
-        logits = main.forward(fed, real)  # (batch, width, vocab)
-        stats.rounds += 1
-        keep = main.lengths.clone()
-        guessed = any(guesses.values())
-        all_accepted, settled = guessed, 0
-        for row in active:
-            g = guesses.get(row, [])
-            stats.proposed += len(g)
-            taken = 0
-            for i in range(len(g) + 1):
-                token, scores = choose(row, logits[row, i], g[i] if i < len(g) else None, i)
-                ids[row, prompt_length + produced[row]] = token
-                produced[row] += 1
-                held[row].append((token, scores))
-                settled += 1
-                if token in eos or produced[row] >= max_new_tokens:
-                    finished[row] = True
-                    break
-                if i == len(g) or token != g[i]:
-                    break
-                taken += 1
-            stats.accepted += taken
-            all_accepted = all_accepted and taken == len(g)
-            keep[row] -= len(g) - taken  # the pending token and the accepted guesses stay cached
-        main.truncate(keep)
-        lengths = {row: prompt_length + produced[row] - padding[row] for row in active if not finished[row]}
-        proposer.settled(lengths, all_accepted)
-        governor.record(guessed, time.perf_counter() - started, settled / len(active))
-
-    while True:
-        if not all(held[row] for row in range(batch) if not done[row]):
-            round_of_guesses()
-        while all(held[row] for row in range(batch) if not done[row]):
-            picked = [held[row].popleft() if not done[row] else None for row in range(batch)]
-            tokens = torch.tensor([p[0] if p else pad for p in picked], dtype=torch.long, device=device)
-            scores = torch.stack([p[1] if p else _chose(pad, picked) for p in picked])
-            yield Step(tokens, done.clone(), scores)
-            emitted += 1
-            if eos:
-                done |= torch.isin(tokens, eos_tensor)
-            if stop_check is not None:
-                done |= stop_check(tokens, done)
-            if bool(done.all()) or emitted >= max_new_tokens:
-                return
-            for row in done.nonzero().flatten().tolist():
-                finished[row] = True
-                held[row].clear()
-
-
-def _chose(token: int, picked: list) -> torch.Tensor:
-    """The scores of a row that is done: certain of the pad token it gets."""
-    like = next(p[1] for p in picked if p)
-    scores = torch.full_like(like, -float("inf"))
-    scores[token] = 0
-    return scores

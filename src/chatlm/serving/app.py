@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import time
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException
 from ..reply_parsing import ReplyFormat, ReplyParser, detect_reply_format
 from . import engine as engine_module
 from .engine import Delta, Engine, EngineStopped, QueueFull, SamplingParams
+from .json_mode import JsonConstraint
 from .protocol import (
     APIError,
     ChatRequest,
@@ -234,10 +236,18 @@ async def chat_completions(server: Server, http: Request) -> Any:
             )
     except (ValueError, TypeError) as e:
         raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
-    if forced:  # the call's JSON must be complete and valid
-        req.params.json_object, req.params.json_prefix = True, _json_part(forced)
-        if req.tool_choice == "required":  # the model picks the function, among the tools
-            req.params.json_starts = tuple(f'{tool["function"]["name"]}"' for tool in req.tools)
+    if forced or req.json_object:  # JSON mode, or a forced call, whose JSON must be complete and valid
+        starts = ()
+        if forced and req.tool_choice == "required":  # the model picks the function, among the tools
+            starts = tuple(f'{tool["function"]["name"]}"' for tool in req.tools)
+        req.params.constraint = functools.partial(
+            JsonConstraint,
+            tok,
+            server.engine.eos,
+            _json_part(forced) if forced else "",
+            starts,
+            reply_format.is_plain,
+        )
     server.fit(req.params, req.max_tokens_given, len(prompt))
     prefix = tok.decode(prompt, skip_special_tokens=False) if not reply_format.is_plain else ""
     job = Job(server.engine, prompt, req.params, req.n, skip_special=reply_format.is_plain)

@@ -1,8 +1,9 @@
 """The engine worker: one thread owns the model and the batch's KV cache, and runs continuous batching.
 
 Requests wait in a bounded queue. Each loop turn the worker (1) prefills one chunk of the oldest waiting
-request's prompt, in a cache of its own, when the batch has rows free for its choices, and (2) decodes one token
-for every running sequence in one forward pass. A request whose prompt is done joins the batch at the next turn
+request's prompt, in a cache of its own, when the batch has rows free for its choices, and (2) steps every
+running sequence by one token in one forward pass, on the one decode loop (`generation.decoding.Decoder`: each
+sequence chooses with its own `RowSampler` and ends by the one finish rule). A request whose prompt is done joins the batch at the next turn
 (its keys and values move into free rows of a `RaggedCache`); a finished or cancelled sequence leaves it at once.
 A long prompt is taken a chunk per turn, so the running sequences keep decoding meanwhile.
 
@@ -22,36 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation.config import GenerationConfig
-from ..generation.sampling import make_processors
+from ..generation.decoding import Decoder, Row, Settled
+from ..generation.sampling import RowSampler, SamplingParams, TokenLogprob
 from .detokenize import TextStream
-from .json_mode import JsonPrefix
 from .metrics import Metrics
 from .model_side import ModelSide
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
-    json_object: bool = False  # the reply is one JSON object (response_format json_object)
-    json_prefix: str = ""  # JSON the prompt already began (a forced tool call's opening): the reply goes on
-    json_starts: tuple[
-        str, ...
-    ] = ()  # the reply begins with one of these (a forced call's name and its quote)
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+__all__ = ["Delta", "Engine", "EngineStopped", "QueueFull", "Request", "SamplingParams", "TokenLogprob"]
 
 
 @dataclass
@@ -85,116 +63,14 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
 
 
+@dataclass
 class Sequence:
-    """One choice of a request while it decodes: its row, tokens, sampling state and text stream."""
+    """One choice of a request while it decodes: its request, its index among the request's choices, and its row
+    of the decoder (tokens, sampler, text stream)."""
 
-    def __init__(self, request: Request, index: int, tokenizer, eos: set[int], vocab: int):
-        self.request, self.index, self.eos = request, index, eos
-        params = request.params
-        self.params = params
-        self.tokens: list[int] = []
-        self.text = TextStream(tokenizer, params.stop, request.skip_special_tokens)
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator()
-            # no seed: a fresh one (torch.seed() would reseed the process's global generator too)
-            self.generator.manual_seed(
-                params.seed + index if params.seed is not None else secrets.randbits(63)
-            )
-        config = GenerationConfig(
-            do_sample=params.temperature > 0, temperature=params.temperature, top_p=params.top_p, top_k=0
-        )
-        self.processors = make_processors(config)
-        penalised = params.presence_penalty or params.frequency_penalty
-        self.counts = torch.zeros(vocab) if penalised else None
-        self.json = None
-        if params.json_object:
-            self.json = JsonPrefix(arrays=params.json_prefix.startswith("["))
-            self.json.feed(params.json_prefix)
-        self.json_read = 0  # characters of the decoded text the JSON state has read
-        self.plain_greedy = (
-            self.generator is None and not penalised and params.logprobs is None and self.json is None
-        )
-
-    def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """The next token from the raw logits (vocab,): OpenAI's presence and frequency penalties over the tokens
-        generated so far, then temperature and top-p, then a draw (or the argmax at temperature 0)."""
-        scores = logits.float()[None]
-        if self.counts is not None:
-            p = self.params
-            scores = (
-                scores - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
-            )
-        for process in self.processors:
-            scores = process(None, scores)
-        if self.json is not None:
-            token = self._json_token(scores[0])
-        elif self.generator is None:
-            token = int(scores.argmax())
-        else:
-            token = int(torch.multinomial(scores.softmax(-1)[0], 1, generator=self.generator))
-        logprob = None
-        if self.params.logprobs is not None:
-            logprobs = logits.float().log_softmax(-1)
-            k = self.params.logprobs
-            top = torch.topk(logprobs, k) if k else None
-            pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-            logprob = TokenLogprob(token, float(logprobs[token]), pairs)
-        return token, logprob
-
-    def _json_token(self, scores: torch.Tensor) -> int:
-        """The model's choice among the tokens that keep the reply a JSON object's prefix: the most likely such
-        token, or a draw from the distribution with the others left out (drawn again without a token that breaks
-        the JSON). End of sequence only once the object is complete."""
-        if self.generator is None:
-            order = torch.argsort(scores, descending=True).tolist()
-        else:
-            probs = scores.softmax(-1)
-            order = []
-            for _ in range(32):
-                if float(probs.sum()) <= 0:
-                    break
-                token = int(torch.multinomial(probs, 1, generator=self.generator))
-                if self._keeps_json(token):
-                    return token
-                probs[token] = 0
-            order = torch.argsort(probs if float(probs.sum()) > 0 else scores, descending=True).tolist()
-        for token in order:
-            if self._keeps_json(token):
-                return token
-        return next(iter(self.eos), order[0])  # nothing continues the JSON: end here
-
-    def _keeps_json(self, token: int) -> bool:
-        if token in self.eos:
-            return self.json.complete
-        text = self.text.peek(token)
-        starts, so_far = self.params.json_starts, self.text.text + text
-        if starts and not any(start.startswith(so_far) or so_far.startswith(start) for start in starts):
-            return False
-        state = self.json.copy()
-        if text.endswith("\ufffd"):  # a character split across tokens: only inside a string
-            return state.feed(text.rstrip("\ufffd")) and state.in_string
-        return bool(text) and state.feed(text)
-
-    def add(self, token: int, logprob: TokenLogprob | None) -> Delta:
-        """Take the chosen token; the delta says whether the choice is finished."""
-        self.tokens.append(token)
-        if self.counts is not None:
-            self.counts[token] += 1
-        reason = None
-        if token in self.eos:
-            reason, text = "stop", self.text.finish()
-        else:
-            text = self.text.add(token)
-            if self.json is not None:
-                self.json.feed(self.text.text[self.json_read :])
-                self.json_read = len(self.text.text)
-            if self.text.stopped or (self.json is not None and self.json.complete):
-                reason = "stop"
-                text += self.text.finish()
-            elif len(self.tokens) >= self.params.max_tokens:
-                reason, text = "length", text + self.text.finish()
-        return Delta(self.index, text, [token], [logprob] if logprob else None, reason)
+    request: Request
+    index: int
+    row: Row
 
 
 class Engine:
@@ -222,6 +98,7 @@ class Engine:
         self.running: dict[int, Sequence] = {}  # by row
         self.prefill: tuple[Request, int] | None = None  # a long prompt being prefilled, and tokens done
         self.side = side or ModelSide(model)  # the model and its caches (`model_side`)
+        self.decoder = Decoder(self.side)  # the running sequences, a row each
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
@@ -352,42 +229,50 @@ class Engine:
         self.metrics.first_token(time.monotonic() - request.arrived)
         finished = []
         for index, row in enumerate(rows):
-            seq = Sequence(request, index, self.tokenizer, self.eos, self.vocab)
-            self.running[row] = seq
-            if self._emit(seq, *seq.choose(logits)):
+            seq = self.running[row] = Sequence(request, index, self._row(request, index))
+            if self._emit(seq, self.decoder.add(row, seq.row, logits)):
                 finished.append(row)
         self.metrics.running = len(self.running)
         self._free_rows(finished)
+
+    def _row(self, request: Request, index: int) -> Row:
+        """Choice ``index``'s decoder row: its sampler (seeded per choice; no seed: a fresh one, as torch.seed()
+        would reseed the process's global generator too) and its text stream."""
+        params = request.params
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed + index if params.seed is not None else secrets.randbits(63))
+        eos = sorted(self.eos | set(params.stop_token_ids))
+        constraint = params.constraint() if params.constraint is not None else None
+        sampler = RowSampler(params, request.prompt, eos, self.vocab, generator, constraint)
+        text = TextStream(self.tokenizer, params.stop, request.skip_special_tokens)
+        return Row(sampler, request.prompt, text)
 
     def _decode_step(self) -> None:
         if not self.running:
             return
         started = time.perf_counter()
-        tokens, real = [0] * self.side.rows, [False] * self.side.rows
-        for row, seq in self.running.items():
-            tokens[row], real[row] = seq.tokens[-1], True
-        logits = self.side.decode(tokens, real)
-        best = logits.argmax(-1).tolist()  # the plain greedy rows' tokens, all at once
         stepped = len(self.running)
-        finished = [
-            row
-            for row, seq in self.running.items()
-            if self._emit(seq, *((best[row], None) if seq.plain_greedy else seq.choose(logits[row])))
-        ]
+        settled = self.decoder.step()
+        finished = [row for row, tokens in settled.items() if self._emit(self.running[row], tokens)]
         self._free_rows(finished)
         self.metrics.decode_step(stepped, time.perf_counter() - started)
 
-    def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
-        delta = seq.add(token, logprob)
-        self.metrics.generated_tokens += 1
-        seq.request.sink(delta)
-        return delta.finish_reason is not None
+    def _emit(self, seq: Sequence, settled: list[Settled]) -> bool:
+        """Hand the tokens a choice settled to its request, a delta each; whether the choice is finished."""
+        for token in settled:
+            logprobs = [token.logprob] if token.logprob is not None else None
+            seq.request.sink(Delta(seq.index, token.text, [token.token], logprobs, token.finish_reason))
+            self.metrics.generated_tokens += 1
+        return settled[-1].finish_reason is not None
 
     def _free_rows(self, rows: list[int]) -> None:
         if not rows:
             return
         for row in rows:
             self.running.pop(row, None)
+            self.decoder.drop(row)
         self.side.free(rows)
         self.metrics.running = len(self.running)
 
@@ -402,4 +287,6 @@ class Engine:
             self.prefill = None
         for seq in self.running.values():
             seq.request.sink(Delta(seq.index, "", [], None, "cancelled"))
+        for row in list(self.running):
+            self.decoder.drop(row)
         self.running.clear()

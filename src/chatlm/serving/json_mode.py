@@ -1,13 +1,17 @@
 """``response_format: {"type": "json_object"}``: the reply is kept a prefix of one JSON object, token by token.
 
 `JsonPrefix` reads text a character at a time and says whether it can still begin a JSON object (RFC 8259) and
-whether one is complete. The engine tries the model's candidates in order of preference (or draws, and draws
-again without a candidate that breaks the JSON) and ends the reply once the object is closed.
+whether one is complete. `JsonConstraint` is its sampler constraint (`generation.sampling.Constraint`): the
+sampler tries the model's candidates in order of preference (or draws, and draws again without a candidate that
+breaks the JSON), and the reply ends once the object is closed.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+
+from .detokenize import TextStream
 
 _WHITESPACE = " \t\n\r"
 _ESCAPES = '"\\/bfnrtu'
@@ -170,3 +174,53 @@ class JsonPrefix:
 
     def _end_value(self) -> None:
         self.state = "after_value" if self.stack else "done"
+
+
+class JsonConstraint:
+    """A row's reply is kept a JSON object's prefix, token by token. ``prefix``: JSON the prompt already began (a
+    forced tool call's opening), which the reply goes on with; ``starts``: the reply begins with one of these (a
+    forced call's name and its closing quote). End of sequence only once the object is complete."""
+
+    def __init__(
+        self,
+        tokenizer,
+        eos: Iterable[int],
+        prefix: str = "",
+        starts: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
+    ):
+        self.eos, self.starts = frozenset(eos), starts
+        self.state = JsonPrefix(arrays=prefix.startswith("["))
+        self.state.feed(prefix)
+        self.text = TextStream(tokenizer, (), skip_special_tokens)
+        self.read = 0  # characters of the decoded text the JSON state has read
+
+    @property
+    def complete(self) -> bool:
+        return self.state.complete
+
+    def allows(self, token: int) -> bool:
+        if token in self.eos:
+            return self.complete
+        text = self.text.peek(token)
+        so_far = self.text.text + text
+        if self.starts and not any(s.startswith(so_far) or so_far.startswith(s) for s in self.starts):
+            return False
+        state = self.state.copy()
+        if text.endswith("\ufffd"):  # a character split across tokens: only inside a string
+            return state.feed(text.rstrip("\ufffd")) and state.in_string
+        return bool(text) and state.feed(text)
+
+    def advance(self, token: int) -> None:
+        if token in self.eos:
+            return
+        self.text.add(token)
+        self.state.feed(self.text.text[self.read :])
+        self.read = len(self.text.text)
+
+    def copy(self) -> JsonConstraint:
+        twin = copy.copy(self)
+        twin.state = self.state.copy()
+        twin.text = copy.copy(self.text)
+        twin.text.tokens = list(self.text.tokens)
+        return twin

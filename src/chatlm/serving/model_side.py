@@ -60,16 +60,27 @@ class ModelSide:
         for row in rows:
             self.batch.place(row, keys, values)
 
-    def decode(self, tokens: list[int], real: list[bool]) -> torch.Tensor:
-        """One token for each row where ``real``: (rows, vocab) logits."""
-        fed = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        mask = torch.tensor(real, dtype=torch.bool, device=self.device)[:, None]
-        return self.batch.forward(fed, mask)[:, 0]
+    # What the decode loop (`generation.decoding.Decoder`) asks of its cache.
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.batch.lengths
+
+    def stale(self) -> bool:
+        return self.batch.stale()
+
+    def forward(self, tokens, real, logits_to_keep: int = 0) -> torch.Tensor:
+        """``tokens`` (rows, width) fed to the batch where ``real``: (rows, width, vocab) logits."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        real = torch.as_tensor(real, dtype=torch.bool, device=self.device)
+        return self.batch.forward(tokens, real, logits_to_keep)
+
+    def truncate(self, lengths) -> None:
+        self.batch.truncate(torch.as_tensor(lengths, dtype=torch.long, device=self.device))
 
     def free(self, rows: list[int]) -> None:
         keep = self.batch.lengths.clone()
         keep[rows] = 0
-        self.batch.truncate(keep)
+        self.truncate(keep)
 
     def close(self) -> None:
         pass
@@ -95,13 +106,15 @@ class BroadcastingSide(ModelSide):
         self._send("place", j, length, rows)
         super().place(j, length, rows)
 
-    def decode(self, tokens, real):
-        self._send("decode", tokens, real)
-        return super().decode(tokens, real)
+    def forward(self, tokens, real, logits_to_keep=0):
+        self._send(
+            "forward", torch.as_tensor(tokens).tolist(), torch.as_tensor(real).tolist(), logits_to_keep
+        )
+        return super().forward(tokens, real, logits_to_keep)
 
-    def free(self, rows):
-        self._send("free", rows)
-        super().free(rows)
+    def truncate(self, lengths):
+        self._send("truncate", torch.as_tensor(lengths).tolist())
+        super().truncate(lengths)
 
     def close(self) -> None:
         self._send("close")

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import SamplingParams
+from ..generation.sampling import SamplingParams
 
 
 class APIError(Exception):
@@ -132,6 +132,10 @@ def _common(fields: _Fields, default_max_tokens: int | None, max_n: int, logprob
         max_tokens=max_tokens or default_max_tokens or 0,
         temperature=fields.number("temperature", 1.0, 0.0, 2.0),
         top_p=fields.number("top_p", 1.0, 0.0, 1.0),
+        # top_k, min_p and repetition_penalty are not OpenAI's: vLLM's and llama.cpp's extensions, same ranges
+        top_k=max(0, fields.integer("top_k", 0, -1)),  # -1 (vLLM) or 0: off
+        min_p=fields.number("min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=fields.number("repetition_penalty", 1.0, 0.0, 2.0),
         seed=fields.integer("seed", None, -(2**63)),
         stop=_stop(fields),
         presence_penalty=fields.number("presence_penalty", 0.0, -2.0, 2.0),
@@ -140,6 +144,8 @@ def _common(fields: _Fields, default_max_tokens: int | None, max_n: int, logprob
     )
     if params.top_p == 0:
         raise bad("top_p", "'top_p' must be greater than 0")
+    if params.repetition_penalty == 0:
+        raise bad("repetition_penalty", "'repetition_penalty' must be greater than 0")
     return dict(
         model=model,
         params=params,
@@ -184,7 +190,6 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
     if kind not in ("text", "json_object"):
         raise bad("response_format", f"'response_format' type must be 'text' or 'json_object', not {kind!r}")
     common = _common(fields, None, max_n, (top or 0) if wants else None)
-    common["params"].json_object = kind == "json_object"
     return ChatRequest(
         **common,
         messages=messages,
