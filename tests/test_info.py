@@ -7,10 +7,13 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import save_file
 
 from chatlm.auto import AutoModelForCausalLM
 from chatlm.cli import main
 from chatlm.info import format_info, model_info
+from chatlm.models import model_class
+from chatlm.models.config import ModelConfig
 from checkpoints import VARIANTS
 from gguf_export import export_gguf
 
@@ -138,3 +141,89 @@ def test_corrupt_safetensors_is_a_one_line_error(tmp_path, tiny_checkpoints, cap
     assert main(["info", str(broken)]) == 1
     err = capsys.readouterr().err
     assert "not a valid safetensors file" in err and err.count("\n") == 1
+
+
+# config.json files without layer_types: the engine, info and transformers each decide which layers have a window.
+TINY = dict(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+)
+WINDOW = 4
+WINDOWED_CONFIGS = {
+    # Gemma 2 alternates: layers 0, 2, 4, ... slide, the others are global (13 of 26).
+    "gemma2": dict(model_type="gemma2", num_hidden_layers=26, sliding_window=WINDOW),
+    # Qwen2 spares the first max_window_layers layers from its window (7 of 28 slide).
+    "qwen2": dict(
+        model_type="qwen2",
+        num_hidden_layers=28,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=21,
+    ),
+    # Without use_sliding_window, Qwen2's window is off (transformers' default), whatever sliding_window says.
+    "qwen2_window_unset": dict(
+        model_type="qwen2", num_hidden_layers=28, sliding_window=WINDOW, max_window_layers=21
+    ),
+}
+
+
+def write_config_checkpoint(path, fields):
+    """A directory with ``fields`` as its config.json and random weights for the model the engine builds from it."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({**TINY, **fields}))
+    config = ModelConfig.from_file(path / "config.json")
+    torch.manual_seed(0)
+    model = model_class(config)(config)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, path / "model.safetensors")
+    return path
+
+
+def windowed_layers(model) -> int:
+    """How many layers, on a prompt longer than the window, get a mask that hides the first token from the last."""
+    hidden_first = []
+
+    def look(attn, args):  # forward(x, cos, sin, masks, cache): the mask this layer attends with
+        mask = args[3][attn.attention_type]
+        hidden_first.append(mask is not None and not mask[..., -1, 0].any())
+
+    hooks = [layer.self_attn.register_forward_pre_hook(look) for layer in model.model.layers]
+    with torch.no_grad():
+        model(torch.arange(WINDOW + 3)[None])
+    for hook in hooks:
+        hook.remove()
+    assert len(hidden_first) == len(model.model.layers)
+    return sum(hidden_first)
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED_CONFIGS))
+def test_sliding_window_layers_equal_the_engine_and_transformers(tmp_path, capsys, name):
+    fields = WINDOWED_CONFIGS[name]
+    path = write_config_checkpoint(tmp_path / name, fields)
+    theirs = transformers.AutoConfig.for_model(**TINY, **fields).layer_types
+    expected = sum(kind == "sliding_attention" for kind in theirs)
+    assert main(["info", str(path), "--json"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    assert (
+        reported["sliding_layers"] == expected == windowed_layers(AutoModelForCausalLM.from_pretrained(path))
+    )
+    assert reported["sliding_window"] == (WINDOW if expected else None)
+    assert reported["num_layers"] == fields["num_hidden_layers"]
+
+
+def test_gguf_sliding_window_layers_equal_the_engine_and_transformers(tmp_path):
+    # llama.cpp's converter writes Gemma 2's window but not which layers use it.
+    fields = WINDOWED_CONFIGS["gemma2"]
+    gguf = export_gguf(write_config_checkpoint(tmp_path / "gemma2", fields), tmp_path / "g.gguf", "gemma2")
+    theirs = transformers.Gemma2Config(**TINY, **fields).layer_types
+    info = model_info(gguf, measure=False)
+    assert info.sliding_layers == sum(kind == "sliding_attention" for kind in theirs) == 13
+    assert info.sliding_layers == windowed_layers(AutoModelForCausalLM.from_pretrained(gguf))
+    assert info.sliding_window == WINDOW and info.num_layers == 26

@@ -1,7 +1,9 @@
 """``chatlm info``: what a model is and what it costs, read off its files without loading any weights.
 
-The figures come from the config (config.json or GGUF metadata) and the tensors' shapes and types in the
-safetensors headers or the GGUF tensor infos, so this is instant even for models far larger than memory:
+The figures come from the config and the tensors' shapes and types in the safetensors headers or the GGUF tensor
+infos, so this is instant even for models far larger than memory. The config is the engine's own reading of it
+(`ModelConfig`, from config.json or from the GGUF metadata as the loader converts it), so that, for instance, the
+layers counted as sliding-window ones are those the models build with a window.
 
 - parameters: every stored tensor once (a tied ``lm_head`` counts once, as ``num_parameters()`` does). For a
   mixture of experts, the *active* parameters per token count each expert tensor by experts-per-token / experts:
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .models.config import ModelConfig
 
 # Bytes per parameter of the figures given for every model.
 WEIGHT_FORMATS = {"float32": 4.0, "bfloat16": 2.0, "8-bit": 1.0, "4-bit": 0.5}
@@ -208,8 +212,25 @@ def memory_bandwidth(device: str = "cpu") -> float:
 
 
 # --- the files ----------------------------------------------------------------------------------------------
+def _config_facts(config: ModelConfig) -> dict[str, Any]:
+    """The figures that come from the config, read as the engine reads it (`ModelConfig`)."""
+    keys = config.to_dict()
+    window_layers = config.sliding_window_layers
+    return {
+        "context_length": config.max_position_embeddings,
+        "num_layers": config.num_hidden_layers,
+        "num_kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "sliding_window": config.sliding_window if window_layers else None,
+        "sliding_layers": len(window_layers),
+        "num_experts": next((keys[k] for k in _EXPERT_COUNT_KEYS if keys.get(k)), None),
+        "experts_per_token": next((keys[k] for k in _EXPERTS_PER_TOKEN_KEYS if keys.get(k)), None),
+    }
+
+
 def _hf_facts(directory: Path) -> dict[str, Any]:
     from .loading.safetensors_weights import safetensors_files
+    from .models import ARCHITECTURES
 
     config_path = directory / "config.json"
     try:
@@ -218,20 +239,25 @@ def _hf_facts(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} does not hold a JSON object")
-    # Multimodal checkpoints keep the language model's numbers in text_config.
-    text = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
+    model_type = raw.get("model_type")
+    text = raw
+    if model_type not in ARCHITECTURES and isinstance(raw.get("text_config"), dict):
+        text = {**raw, **raw["text_config"]}  # a multimodal checkpoint: the language model's numbers
+    # Rope changes no figure here, and a scaling that chatlm cannot run yet must not stop the report.
+    config = ModelConfig.from_dict(
+        {k: v for k, v in text.items() if k not in ("rope_scaling", "rope_parameters")}
+    )
     notes = []
     if raw.get("quantization_config"):
         notes.append(
             "the checkpoint is quantized (quantization_config): packed tensors make counts approximate"
         )
-    tied = bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False)))
     tensors = []
     for file in safetensors_files(directory):
         for name, entry in _safetensors_header(file).items():
             if name == "__metadata__" or name.endswith("rotary_emb.inv_freq"):
                 continue  # metadata, and a buffer that some old checkpoints saved
-            if tied and name == "lm_head.weight":
+            if config.tie_word_embeddings and name == "lm_head.weight":
                 continue  # the embedding, counted once
             start, end = entry["data_offsets"]
             tensors.append(
@@ -239,27 +265,14 @@ def _hf_facts(directory: Path) -> dict[str, Any]:
                     name, _prod(entry["shape"]), end - start, entry["dtype"], "experts" in name.split(".")
                 )
             )
-    heads = text.get("num_attention_heads") or 1
-    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads)
-    sliding_window, sliding_layers = _hf_sliding(text)
-    model_type = raw.get("model_type")
-    from .models import ARCHITECTURES
-
-    dtype = str(text.get("torch_dtype") or text.get("dtype") or "float32").replace("torch.", "")
+    dtype = str(config.torch_dtype or "float32").replace("torch.", "")
     return {
         "format": "safetensors",
         "model_type": model_type,
         "architecture": (raw.get("architectures") or [None])[0],
         "supported": model_type in ARCHITECTURES,
-        "context_length": text.get("max_position_embeddings"),
         "chat_template": _hf_has_template(directory),
-        "num_layers": text.get("num_hidden_layers", 0),
-        "num_kv_heads": text.get("num_key_value_heads") or heads,
-        "head_dim": head_dim,
-        "sliding_window": sliding_window,
-        "sliding_layers": sliding_layers,
-        "num_experts": next((text[k] for k in _EXPERT_COUNT_KEYS if text.get(k)), None),
-        "experts_per_token": next((text[k] for k in _EXPERTS_PER_TOKEN_KEYS if text.get(k)), None),
+        **_config_facts(config),
         "dtype": dtype if dtype in _DTYPE_BYTES else "float32",
         "tensors": tensors,
         "notes": notes,
@@ -281,19 +294,6 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _hf_sliding(config: dict[str, Any]) -> tuple[int | None, int]:
-    window = config.get("sliding_window")
-    layers = config.get("num_hidden_layers", 0)
-    if not window:
-        return None, 0
-    types = config.get("layer_types")
-    if isinstance(types, list):  # transformers 5 writes each layer's kind
-        return window, sum(t == "sliding_attention" for t in types)
-    if config.get("use_sliding_window") is False:
-        return None, 0
-    return window, layers  # Mistral: a window on every layer
-
-
 def _hf_has_template(directory: Path) -> bool:
     if (directory / "chat_template.jinja").is_file() or (directory / "chat_template.json").is_file():
         return True
@@ -307,20 +307,37 @@ def _hf_has_template(directory: Path) -> bool:
 
 
 def _gguf_facts(path: Path) -> dict[str, Any]:
-    from .loading.gguf_model import ARCHITECTURES, open_gguf
+    from .loading.gguf_model import ARCHITECTURES, gguf_config, open_gguf
 
     reader = open_gguf(path)
     meta = reader.metadata
     arch = meta.get("general.architecture")
-
-    def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
-
     tensors = [
         _Tensor(t.name, t.n_elements, t.n_bytes, t.ggml_type.name, t.name.split(".")[-2].endswith("_exps"))
         for t in reader.tensors
         if t.name != "rope_freqs.weight"  # llama 3 rope factors: a table, not parameters
     ]
+    notes = []
+    if arch in ARCHITECTURES:  # the config the loader derives from the metadata
+        facts = _config_facts(ModelConfig.from_dict(gguf_config(reader, path)))
+    else:
+        facts = _unsupported_gguf_facts(lambda key, default=None: meta.get(f"{arch}.{key}", default), notes)
+    return {
+        "format": "gguf",
+        "model_type": ARCHITECTURES.get(arch, arch),
+        "architecture": arch,
+        "supported": arch in ARCHITECTURES,
+        "chat_template": bool(meta.get("tokenizer.chat_template")),
+        **facts,
+        # chatlm computes a GGUF's weights in float32 unless asked otherwise.
+        "dtype": "float32",
+        "tensors": tensors,
+        "notes": notes,
+    }
+
+
+def _unsupported_gguf_facts(get: Any, notes: list[str]) -> dict[str, Any]:
+    """The figures of an architecture that chatlm has no config for, from the metadata keys llama.cpp shares."""
     heads = get("attention.head_count") or 1
     if isinstance(heads, list):  # per-layer head counts: the first
         heads = heads[0]
@@ -329,30 +346,19 @@ def _gguf_facts(path: Path) -> dict[str, Any]:
         kv_heads = max(kv_heads)
     head_dim = get("attention.key_length") or (get("embedding_length", 0) // heads)
     value_dim = get("attention.value_length") or head_dim
-    window = get("attention.sliding_window")
-    layers = get("block_count", 0)
-    notes = []
     if value_dim != head_dim:
         notes.append(f"keys are {head_dim} wide and values {value_dim}: the KV figures use their mean")
+    window, layers = get("attention.sliding_window"), get("block_count", 0)
     return {
-        "format": "gguf",
-        "model_type": ARCHITECTURES.get(arch, arch),
-        "architecture": arch,
-        "supported": arch in ARCHITECTURES,
         "context_length": get("context_length"),
-        "chat_template": bool(meta.get("tokenizer.chat_template")),
         "num_layers": layers,
         "num_kv_heads": kv_heads,
         "head_dim": (head_dim + value_dim) // 2,
-        # A window is given, but GGUF does not say which layers use it: count them all.
+        # A window is given, but not which layers use it: count them all.
         "sliding_window": window or None,
         "sliding_layers": layers if window else 0,
         "num_experts": get("expert_count"),
         "experts_per_token": get("expert_used_count"),
-        # chatlm computes a GGUF's weights in float32 unless asked otherwise.
-        "dtype": "float32",
-        "tensors": tensors,
-        "notes": notes,
     }
 
 

@@ -46,7 +46,7 @@ class CausalLM(nn.Module):
         self._long_inv_freq: torch.Tensor | None = None
         self._longrope_context = longrope_context(config)
         self._rope_scale = rope_attention_factor(config)
-        self._attention_types = frozenset(config.layer_types)  # once, not on every decode step
+        self._attention_windows = config.attention_windows  # once, not on every decode step
         self._exit_layer: int | None = None  # see early_exit
 
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
@@ -111,7 +111,7 @@ class CausalLM(nn.Module):
                 batch, length
             )
         cos, sin = self.rope_tables(position_ids)
-        masks = attention_masks(padding, length, offset, self.config.sliding_window, self._attention_types)
+        masks = attention_masks(padding, length, offset, self._attention_windows)
         hidden = self.hidden_states(input_ids, cos, sin, masks, cache)
         if cache is not None:
             cache.advance(length)

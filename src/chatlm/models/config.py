@@ -133,6 +133,19 @@ class ModelConfig:
         return "sliding_attention"
 
     @property
+    def attention_windows(self) -> dict[str, int | None]:
+        """Per attention type in ``layer_types``: how many of the latest tokens its layers attend to, None for
+        every token. The models' masks and ``chatlm info`` both read this, so they agree on each layer."""
+        window = None if self.use_sliding_window is False else self.sliding_window
+        return {kind: window if kind == "sliding_attention" else None for kind in self.layer_types}
+
+    @property
+    def sliding_window_layers(self) -> list[int]:
+        """The indices of the layers that attend to the last ``sliding_window`` tokens only."""
+        windows = self.attention_windows
+        return [i for i, kind in enumerate(self.layer_types) if windows[kind] is not None]
+
+    @property
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -172,6 +185,9 @@ MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
         rope_local_base_freq=10_000.0,
         max_position_embeddings=131_072,
     ),
+    # Qwen's window is off unless use_sliding_window, and then spares the first max_window_layers layers.
+    "qwen2": dict(use_sliding_window=False, max_window_layers=28),
+    "qwen3": dict(use_sliding_window=False, max_window_layers=28),
     # (the number of experts, which has two names, defaults in models/moe.py)
     "mixtral": dict(num_experts_per_tok=2, rope_theta=1_000_000.0, rms_norm_eps=1e-5),
     "qwen2_moe": dict(

@@ -195,10 +195,10 @@ def attention_masks(
     padding_mask: torch.Tensor | None,
     query_length: int,
     offset: int,
-    sliding_window: int | None,
-    layer_types: frozenset[str],
+    windows: dict[str, int | None],
 ) -> AttentionMasks:
     """Boolean masks (B or 1, 1, T, K) per attention type; None where plain causal attention over all keys will do.
+    ``windows`` (`ModelConfig.attention_windows`): per attention type, the latest keys a query sees (None: all).
 
     The T queries sit at cache slots offset..offset+T-1, the K = offset+T keys at slots 0..K-1. ``padding_mask``
     (B, K) marks real tokens (False for left padding, or any slot a row does not use).
@@ -210,8 +210,8 @@ def attention_masks(
     q = torch.arange(offset, kv_length, device=device)[:, None]
     k = torch.arange(kv_length, device=device)[None, :]
     any_window = False
-    for kind in layer_types:
-        windowed = kind == "sliding_attention" and sliding_window is not None and kv_length > sliding_window
+    for kind, window in windows.items():
+        windowed = window is not None and kv_length > window
         any_window = any_window or windowed
         masks.plain_causal = masks.plain_causal and not windowed
         if padding_mask is None and not windowed and (query_length == 1 or offset == 0):
@@ -221,13 +221,13 @@ def attention_masks(
             continue
         allowed = (k <= q)[None, None]
         if windowed and padding_mask is None:
-            allowed = allowed & (q - k < sliding_window)
+            allowed = allowed & (q - k < window)
         elif windowed:
             # The window counts the row's tokens, not slots: a row's cache may hold masked slots between them
             # (left padding, or guesses speculative decoding rejected in that row only).
             position = padding_mask.long().cumsum(-1)
             between = position[:, offset:kv_length, None] - position[:, None, :]
-            allowed = allowed & (between < sliding_window)[:, None]
+            allowed = allowed & (between < window)[:, None]
         mask = allowed
         if padding_mask is not None:
             mask = mask & padding_mask[:, None, None, :].bool()
