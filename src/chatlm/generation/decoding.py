@@ -104,9 +104,8 @@ class Decoder:
             fed = torch.zeros(self.cache.rows, width, dtype=torch.long)
             real = torch.zeros(self.cache.rows, width, dtype=torch.bool)
             for i, row in active.items():
-                g = guesses.get(i, [])
-                fed[i, 0] = row.tokens[-1]
-                fed[i, 1 : 1 + len(g)] = torch.tensor(g, dtype=torch.long)
+                g = guesses.get(i, ())
+                fed[i, : 1 + len(g)] = torch.tensor([row.tokens[-1], *g], dtype=torch.long)
                 real[i, : 1 + len(g)] = True
             device = self.cache.device
             logits = self.cache.forward(fed.to(device), real.to(device))  # (rows, width, vocab)
