@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..detokenize import StreamingDetokenizer
 from ..generation.config import GenerationConfig
 from ..generation.sampling import make_processors
-from .detokenize import TextStream
 from .json_mode import JsonPrefix
 from .metrics import Metrics
 from .model_side import ModelSide
@@ -93,7 +93,7 @@ class Sequence:
         params = request.params
         self.params = params
         self.tokens: list[int] = []
-        self.text = TextStream(tokenizer, params.stop, request.skip_special_tokens)
+        self.text = StreamingDetokenizer(tokenizer, params.stop, request.skip_special_tokens)
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
