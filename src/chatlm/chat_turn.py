@@ -66,9 +66,8 @@ class ChatTurn:
     prompt_ids: list[int]  # its tokens
     forced: str  # the forced tool-call opening at the end of `prompt` ("" when none)
     json_reply: bool  # the reply must be JSON: a forced call, or a request for a JSON object
-    json_starts: tuple[
-        str, ...
-    ]  # for "required": the reply starts with one of these names and its closing quote
+    # for "required": the reply starts with one of these, a tool's name and its closing quote
+    json_starts: tuple[str, ...]
 
     @classmethod
     def render(
