@@ -1,4 +1,5 @@
-"""StreamingDetokenizer and the streamers: the streamed text must equal the decode of all the ids."""
+"""StreamingDetokenizer and the streamers: the streamed text must equal the decode of all the ids (cut before the
+first stop string, for the server)."""
 
 from __future__ import annotations
 
@@ -113,6 +114,65 @@ def test_window_stays_small(byte_level):
         detokenizer.add(i)
     assert len(detokenizer._window) <= 4
     assert detokenizer.text == byte_level.decode(ids)
+
+
+# ------------------------------------------------------------------------------------------------ stop strings
+
+
+def _server_stream(tokenizer, ids, stops) -> tuple[list[str], StreamingDetokenizer]:
+    """What the server's engine does: the constructor it calls, then `add` per token and `finish` at the end."""
+    stream = StreamingDetokenizer(tokenizer, stops, True)
+    pieces = [stream.add(i) for i in ids]
+    return [*pieces, stream.finish()], stream
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_stops_end_the_text_before_the_first_stop_string(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    middle = decoded[len(decoded) // 2 : len(decoded) // 2 + 2]
+    stops = (middle, "never there") if middle.strip() else ("never there",)
+    pieces, stream = _server_stream(tokenizer, ids, stops)
+    at = min((i for i in (decoded.find(s) for s in stops) if i >= 0), default=len(decoded))
+    assert "".join(pieces) == decoded[:at]
+    assert stream.stopped == (at < len(decoded))
+
+
+def test_text_that_may_start_a_stop_string_is_held_back(byte_level):
+    stream = StreamingDetokenizer(byte_level, ["ENDING"], True)
+    given = "".join(stream.add(i) for i in byte_level.encode("so END", add_special_tokens=False))
+    assert given == "so " and stream.text == "so END"  # "END" may begin "ENDING"
+    given += "".join(stream.add(i) for i in byte_level.encode("ED", add_special_tokens=False))
+    assert given + stream.finish() == "so ENDED" and not stream.stopped
+
+
+def _byte_tokens(tokenizer, text: str) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in text.encode()]
+
+
+def test_server_stream_reads_byte_fallback_runs_whole(sentencepiece):
+    """SentencePiece byte fallback decodes a run of byte tokens together: a run that goes wrong later turns into
+    U+FFFD from its start, so the characters it made before cannot be given out early."""
+    x = sentencepiece.encode("x", add_special_tokens=False)
+    half = _byte_tokens(sentencepiece, "你")[:1]
+    for ids in (
+        _byte_tokens(sentencepiece, "🙂") + half + _byte_tokens(sentencepiece, "🙂") + x,
+        _byte_tokens(sentencepiece, "é🙂") + half + x + _byte_tokens(sentencepiece, "🙂"),
+    ):
+        decoded = sentencepiece.decode(ids, skip_special_tokens=True)
+        assert decoded.startswith("\ufffd")  # the oracle: the whole run is invalid
+        pieces, _ = _server_stream(sentencepiece, ids, ("never there",))
+        assert "".join(pieces) == decoded, pieces
+
+
+def test_peek_is_what_the_next_token_adds(tokenizer):
+    ids = tokenizer.encode('Hi 🙂 你好  x👨‍👩‍👧 {"a": 1}', add_special_tokens=False)
+    stream = StreamingDetokenizer(tokenizer, (), True)
+    for n, token in enumerate(ids):
+        decoded = tokenizer.decode(ids[: n + 1], skip_special_tokens=True)
+        if "\ufffd" not in decoded:
+            assert stream.text + stream.peek(token) == decoded
+        stream.add(token)
 
 
 # ------------------------------------------------------------------------------------------------ streamers

@@ -230,13 +230,14 @@ class Session:
     ) -> str:
         """Answer `user_text`, streaming the answer to `on_text` and the model's reasoning (if its template has
         any) to `on_reasoning`; the chat keeps the parsed message, reasoning apart from content."""
-        from .reply_parsing import ReplyParser, detect_reply_format
+        import torch
+
+        from .chat_turn import ChatTurn
 
         self.messages.append({"role": "user", "content": user_text})
-        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        reply_format = detect_reply_format(self.tokenizer.get_chat_template()).for_request(tools_given=False)
-        parser = None if reply_format.is_plain else ReplyParser(reply_format, prefix=prompt)
+        turn = ChatTurn.render(self.tokenizer, self.messages)
+        ids = torch.tensor([turn.prompt_ids])
+        parser = turn.reply_stream() if turn.parses_reply else None
         streamer = _callback_streamer(
             self.tokenizer, on_text, on_reasoning, parser, self.model.generation_config
         )

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from .auto import AutoModelForCausalLM
+from .chat_turn import ChatTurn
 from .generation.config import GenerationConfig
 from .modeling import CausalLM
-from .reply_parsing import ReplyFormat, detect_reply_format, parse_reply
 
 TASKS = ("text-generation",)
 # What transformers' text-generation pipeline uses when the model brings no generation_config.json of its own.
@@ -77,28 +77,27 @@ class TextGenerationPipeline:
 
     def _run(self, items: list, config: GenerationConfig, options: dict) -> list[list[dict[str, Any]]]:
         tok = self.tokenizer
-        prompts, continues = [], []
+        prompts, continues, turns = [], [], []
         for item in items:
             if isinstance(item, str):
                 prompts.append(
                     tok(item, add_special_tokens=options.get("add_special_tokens", True))["input_ids"]
                 )
                 continues.append(False)
+                turns.append(None)
                 continue
             cont = options.get("continue_final_message")
             cont = item[-1]["role"] == "assistant" if cont is None else cont
-            prompts.append(
-                tok.apply_chat_template(
-                    item,
-                    add_generation_prompt=not cont,
-                    continue_final_message=cont,
-                    tokenize=True,
-                    return_dict=False,
-                    tools=options.get("tools"),
-                    documents=options.get("documents"),
-                )
+            turn = ChatTurn.render(
+                tok,
+                item,
+                tools=options.get("tools"),
+                documents=options.get("documents"),
+                continue_final_message=cont,
             )
+            prompts.append(turn.prompt_ids)
             continues.append(cont)
+            turns.append(turn)
         ids, mask = _left_pad(prompts, _pad_id(tok, config))
         output = self.model.generate(
             ids.to(self.model.device),
@@ -110,7 +109,6 @@ class TextGenerationPipeline:
         n = config.num_return_sequences
         skip = options.get("skip_special_tokens", True)
         full = options.get("return_full_text", True)
-        reply_format = self._reply_format(options.get("tools"))
         results = []
         for i, item in enumerate(items):
             records = []
@@ -119,32 +117,22 @@ class TextGenerationPipeline:
                 text = tok.decode(reply, skip_special_tokens=skip)
                 if not full:
                     records.append({"generated_text": text})
-                elif isinstance(item, str) or continues[i] or reply_format.is_plain:
+                elif isinstance(item, str) or continues[i] or not turns[i].parses_reply:
                     records.append({"generated_text": _join(item, text, continues[i])})
                 else:
-                    message = self._parse_reply(reply, prompts[i], text, reply_format, config)
+                    message = self._parse_reply(reply, text, turns[i], config)
                     records.append({"generated_text": [*item, message]})
             results.append(records)
         return results
 
-    def _reply_format(self, tools) -> ReplyFormat:
-        """What the model may write besides content, read off the chat template this request uses."""
-        try:
-            template = self.tokenizer.get_chat_template(None, tools)
-        except ValueError:
-            return ReplyFormat()
-        return detect_reply_format(template).for_request(tools_given=bool(tools))
-
-    def _parse_reply(
-        self, reply: list[int], prompt: list[int], text: str, reply_format: ReplyFormat, config
-    ) -> dict[str, Any]:
+    def _parse_reply(self, reply: list[int], text: str, turn: ChatTurn, config) -> dict[str, Any]:
         """The assistant message with its tool calls and reasoning apart. The markers may be special tokens
         (``<|python_tag|>``, ``[TOOL_CALLS]``), so the parser reads the reply with them, up to the stop token."""
         stops = set(config.eos_token_ids)
         end = next((k for k, token in enumerate(reply) if token in stops), len(reply))
         tok = self.tokenizer
         raw = tok.decode(reply[:end], skip_special_tokens=False)
-        message = parse_reply(raw, reply_format, prefix=tok.decode(prompt, skip_special_tokens=False))
+        message = turn.parse_reply(raw)
         if "tool_calls" not in message and "reasoning_content" not in message:
             return {"role": "assistant", "content": text}  # a plain reply: exactly as decoded
         return message

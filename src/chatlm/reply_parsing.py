@@ -27,13 +27,28 @@ BodyParser = Callable[[str], "list[ToolCall] | None"]
 @dataclass(frozen=True)
 class ToolCallSyntax:
     """How one family writes tool calls: a region that opens with `open` and ends with `close` (None: at the end
-    of the reply), or, with `bare_json`, a reply that is nothing but the calls' JSON."""
+    of the reply), or, with `bare_json`, a reply that is nothing but the calls' JSON.
+
+    `forced_opening` is how a call starts, up to its function's name, when chatlm makes the reply start with one
+    (``tool_choice`` "required" or a named function); None where chatlm cannot. `arguments_key` names the
+    arguments in the call's JSON."""
 
     name: str
     open: str | None
     close: str | None
     parse_body: BodyParser
     bare_json: bool = False
+    forced_opening: str | None = None
+    arguments_key: str = "arguments"
+
+    def forced_call(self, function: str | None = None) -> str:
+        """The text a forced reply starts with: the call's opening, then the name and the start of the arguments
+        when the function is given (the model writes the rest)."""
+        if self.forced_opening is None:
+            raise ValueError(f"chatlm cannot start a {self.name!r} tool call itself")
+        if function is None:
+            return self.forced_opening
+        return f'{self.forced_opening}{function}", "{self.arguments_key}": {{'
 
 
 @dataclass(frozen=True)
@@ -182,14 +197,28 @@ def _deepseek_calls(body: str) -> list[ToolCall] | None:
 
 # ------------------------------------------------------------------------------------------------ known formats
 
-HERMES = ToolCallSyntax("hermes", "<tool_call>", "</tool_call>", _json_calls)
-MISTRAL = ToolCallSyntax("mistral", "[TOOL_CALLS]", None, _json_calls)
-LLAMA3_JSON = ToolCallSyntax("llama3_json", "<|python_tag|>", None, _llama3_calls, bare_json=True)
-GRANITE = ToolCallSyntax("granite", "<|tool_call|>", None, _json_calls)
+HERMES = ToolCallSyntax(
+    "hermes", "<tool_call>", "</tool_call>", _json_calls, forced_opening='<tool_call>\n{"name": "'
+)
+MISTRAL = ToolCallSyntax(
+    "mistral", "[TOOL_CALLS]", None, _json_calls, forced_opening='[TOOL_CALLS][{"name": "'
+)
+LLAMA3_JSON = ToolCallSyntax(
+    "llama3_json",
+    "<|python_tag|>",
+    None,
+    _llama3_calls,
+    bare_json=True,
+    forced_opening='{"name": "',
+    arguments_key="parameters",
+)
+GRANITE = ToolCallSyntax(
+    "granite", "<|tool_call|>", None, _json_calls, forced_opening='<|tool_call|>[{"name": "'
+)
 FIREFUNCTION = ToolCallSyntax("firefunction", "functools", None, _json_calls)
 COMMAND_R = ToolCallSyntax("command_r", "<|START_ACTION|>", "<|END_ACTION|>", _command_r_calls)
 DEEPSEEK = ToolCallSyntax("deepseek", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", _deepseek_calls)
-GENERIC_JSON = ToolCallSyntax("json", None, None, _json_calls, bare_json=True)
+GENERIC_JSON = ToolCallSyntax("json", None, None, _json_calls, bare_json=True, forced_opening='{"name": "')
 TOOL_CALL_SYNTAXES = {
     s.name: s for s in (HERMES, MISTRAL, LLAMA3_JSON, GRANITE, FIREFUNCTION, COMMAND_R, DEEPSEEK)
 }

@@ -2,7 +2,7 @@
 
 `AutoTokenizer.from_pretrained` reads a Hugging Face directory (tokenizer.json and tokenizer_config.json) or a
 GGUF file, and gives a `PreTrainedTokenizerFast` that encodes, decodes, pads and applies chat templates as
-transformers 5 does. `StreamingDetokenizer` turns ids into text one token at a time, for streamers.
+transformers 5 does. `StreamingDetokenizer` (in `chatlm.detokenize`) turns ids into text one token at a time.
 
 Where we differ from transformers on purpose:
 
@@ -24,6 +24,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, processors
 
+from chatlm.detokenize import StreamingDetokenizer  # noqa: F401  (public here since before it had a module)
 from chatlm.loading.gguf_tokenizer import load_gguf_tokenizer
 from chatlm.loading.resolve import resolve_model
 
@@ -791,61 +792,3 @@ def clean_up_tokenization(text: str) -> str:
     ):
         text = text.replace(spaced, joined)
     return text
-
-
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
-class StreamingDetokenizer:
-    """Turn token ids into text one id at a time, giving out each piece as soon as it is final.
-
-    Joined, the pieces equal ``tokenizer.decode(all ids)``. Each new id is decoded together with the ids of the
-    previous piece and the text of that piece is cut off: so a SentencePiece word keeps its leading space (it is
-    only dropped at the start of a decode), and the work per token stays small. A decode that ends in U+FFFD is
-    an unfinished UTF-8 character (an emoji split over byte tokens): we wait for the next id. After a
-    SentencePiece byte token (``<0xF0>``) we wait too: byte fallback decodes a run of byte tokens as a whole,
-    and a run that ends invalid turns into U+FFFD from its start, characters already complete included.
-    """
-
-    def __init__(self, tokenizer, skip_special_tokens: bool = False, **decode_kwargs):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.decode_kwargs = decode_kwargs
-        self._window: list[int] = []  # the ids of the last piece, then the ids not yet given out
-        self._settled = 0  # how many ids of the window belong to the last piece
-        self._settled_text = ""  # their decode
-        self._pieces: list[str] = []
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, **self.decode_kwargs)
-
-    def add(self, token_id: int) -> str:
-        """Take one id; return the text it makes final (maybe "")."""
-        self._window.append(int(token_id))
-        if _BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(int(token_id)) or ""):
-            return ""
-        text = self._decode(self._window)
-        if len(text) <= len(self._settled_text) or text.endswith("\ufffd"):
-            return ""
-        return self._emit(text)
-
-    def flush(self) -> str:
-        """Give out whatever is left, unfinished characters included (as decode would show them)."""
-        text = self._decode(self._window)
-        return self._emit(text) if len(text) > len(self._settled_text) else ""
-
-    def _emit(self, text: str) -> str:
-        piece = text[len(self._settled_text) :]
-        # The ids just given out become the context for the next ones.
-        self._window = self._window[self._settled :]
-        self._settled = len(self._window)
-        self._settled_text = self._decode(self._window)
-        self._pieces.append(piece)
-        return piece
-
-    @property
-    def text(self) -> str:
-        """All the text given out so far."""
-        if len(self._pieces) > 1:
-            self._pieces = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""

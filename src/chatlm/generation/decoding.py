@@ -34,7 +34,7 @@ class Settled:
 
 class Row:
     """One sequence being decoded. ``tokens``: its real tokens so far (the prompt's, then the generated ones; the
-    last one pending once it has one). ``text``: a `TextStream` that releases its text and watches for stop
+    last one pending once it has one). ``text``: a `StreamingDetokenizer` that releases its text and watches for stop
     strings, or None."""
 
     def __init__(self, sampler: RowSampler, tokens: list[int], text=None):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..detokenize import StreamingDetokenizer
 from .config import GenerationConfig
 from .decoding import Decoder, Row
 from .ragged_cache import RaggedCache
@@ -170,9 +171,7 @@ def _stop_text(tokenizer, stops: tuple[str, ...]):
         return None
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError("stop_strings must be a non-empty string or a list of non-empty strings")
-    from ..serving.detokenize import TextStream
-
-    return TextStream(tokenizer, stops, skip_special_tokens=False)
+    return StreamingDetokenizer(tokenizer, stops, skip_special_tokens=False)
 
 
 def _certain(token: int, like: torch.Tensor) -> torch.Tensor:

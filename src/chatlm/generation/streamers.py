@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from queue import Queue
 
-from chatlm.tokenizer import StreamingDetokenizer
+from chatlm.detokenize import StreamingDetokenizer
 
 
 def _ids(value) -> list[int]:

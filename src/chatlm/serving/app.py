@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..reply_parsing import ReplyFormat, ReplyParser, detect_reply_format
+from ..chat_turn import ChatTurn, UnsupportedToolChoice
 from . import engine as engine_module
 from .engine import Delta, Engine, EngineStopped, QueueFull, SamplingParams
 from .json_mode import JsonConstraint
@@ -221,39 +221,15 @@ async def chat_completions(server: Server, http: Request) -> Any:
     server.authorize(http)
     req = parse_chat(await server.body(http), max_n=server.engine.max_batch)
     server.check_model(req.model)
-    tok = server.tokenizer
-    reply_format = _reply_format(tok, req.tools)
-    forced = _forced_tool_call(reply_format, req.tool_choice) if req.tools else ""
-    try:
-        if forced:  # the reply starts with the opening of a call: the prompt text goes on with it
-            text = tok.apply_chat_template(
-                req.messages, tools=req.tools, add_generation_prompt=True, tokenize=False
-            )
-            prompt = tok(text + forced, add_special_tokens=False)["input_ids"]
-        else:
-            prompt = tok.apply_chat_template(
-                req.messages, tools=req.tools, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-    except (ValueError, TypeError) as e:
-        raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
-    if forced or req.json_object:  # JSON mode, or a forced call, whose JSON must be complete and valid
-        starts = ()
-        if forced and req.tool_choice == "required":  # the model picks the function, among the tools
-            starts = tuple(f'{tool["function"]["name"]}"' for tool in req.tools)
-        req.params.constraint = functools.partial(
-            JsonConstraint,
-            tok,
-            server.engine.eos,
-            _json_part(forced) if forced else "",
-            starts,
-            reply_format.is_plain,
-        )
+    turn = _chat_turn(server.tokenizer, req)
+    _constrain_json(server, req.params, turn)
+    prompt = turn.prompt_ids
     server.fit(req.params, req.max_tokens_given, len(prompt))
-    prefix = tok.decode(prompt, skip_special_tokens=False) if not reply_format.is_plain else ""
-    job = Job(server.engine, prompt, req.params, req.n, skip_special=reply_format.is_plain)
+    # markers such as <|python_tag|> may be special tokens: a reply to parse keeps them
+    job = Job(server.engine, prompt, req.params, req.n, skip_special=not turn.parses_reply)
     ident, created = new_id("chatcmpl"), int(time.time())
     if req.stream:
-        chunks = _chat_stream(server, req, job, ident, created, len(prompt), reply_format, prefix, forced)
+        chunks = _chat_stream(server, req, job, ident, created, len(prompt), turn)
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
@@ -272,11 +248,8 @@ async def chat_completions(server: Server, http: Request) -> Any:
     for i in range(req.n):
         message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
         reason = finish_reason(reasons[i] or "cancelled")
-        if not reply_format.is_plain:
-            parser = ReplyParser(reply_format, prefix=prefix[: len(prefix) - len(forced)])
-            parser.feed(forced + texts[i])
-            parser.finish()
-            parsed = parser.message
+        if turn.parses_reply:
+            parsed = turn.parse_reply(texts[i])
             message["content"] = parsed["content"]
             if "reasoning_content" in parsed:
                 message["reasoning_content"] = parsed["reasoning_content"]
@@ -307,52 +280,34 @@ async def chat_completions(server: Server, http: Request) -> Any:
     }
 
 
-# How each tool-call syntax opens a call, up to the function's name; where its JSON starts.
-_FORCED_OPENINGS = {
-    "hermes": '<tool_call>\n{"name": "',
-    "mistral": '[TOOL_CALLS][{"name": "',
-    "granite": '<|tool_call|>[{"name": "',
-    "llama3_json": '{"name": "',
-    "json": '{"name": "',
-}
-_ARGUMENTS_KEY = {"llama3_json": "parameters"}
-
-
-def _json_part(forced: str) -> str:
-    """The JSON that a forced call's opening begins: a list of calls ("[{") or one call ("{")."""
-    start = forced.find("[{")
-    return forced[start:] if start >= 0 else forced[forced.index("{") :]
-
-
-def _forced_tool_call(reply_format: ReplyFormat, choice) -> str:
-    """``tool_choice`` "required" or a named function: the text the reply is made to start with (the call's
-    opening, and the name when it is given); the rest of the call is kept valid JSON as it is generated, and a
-    name the model writes is one of the tools'."""
-    if choice in ("auto", "none"):
-        return ""
-    syntax = reply_format.tool_calls
-    if syntax is None or syntax.name not in _FORCED_OPENINGS:
-        kind = syntax.name if syntax else "none"
-        raise APIError(
-            400,
-            f"tool_choice {choice!r} needs a model whose tool calls chatlm can start itself; this model's format "
-            f"is {kind!r} (use 'auto')",
-            param="tool_choice",
-            code="unsupported",
-        )
-    opening = _FORCED_OPENINGS[syntax.name]
-    if choice == "required":
-        return opening
-    key = _ARGUMENTS_KEY.get(syntax.name, "arguments")
-    return f'{opening}{choice["function"]["name"]}", "{key}": {{'
-
-
-def _reply_format(tokenizer, tools) -> ReplyFormat:
+def _chat_turn(tokenizer, req: ChatRequest) -> ChatTurn:
+    """The request's prompt and reply format; what the template or the model cannot do is a 400."""
     try:
-        template = tokenizer.get_chat_template(None, tools)
-    except ValueError:
-        return ReplyFormat()
-    return detect_reply_format(template).for_request(tools_given=bool(tools))
+        return ChatTurn.render(
+            tokenizer,
+            req.messages,
+            tools=req.tools,
+            tool_choice=req.tool_choice,
+            json_object=req.params.json_object,
+        )
+    except UnsupportedToolChoice as e:
+        raise APIError(400, str(e), param="tool_choice", code="unsupported") from e
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+
+
+def _constrain_json(server: Server, params: SamplingParams, turn: ChatTurn) -> None:
+    """What constrained decoding needs from the turn: the reply is JSON, goes on with the JSON the prompt began,
+    and (tool_choice "required") starts with one of the tools' names."""
+    if turn.json_reply:
+        params.constraint = functools.partial(
+            JsonConstraint,
+            server.tokenizer,
+            server.engine.eos,
+            turn.json_prefix,
+            turn.json_starts,
+            not turn.parses_reply,  # the text the JSON is read from skips special tokens as the reply's does
+        )
 
 
 async def _chat_stream(
@@ -362,9 +317,7 @@ async def _chat_stream(
     ident: str,
     created: int,
     prompt_tokens: int,
-    reply_format: ReplyFormat,
-    prefix: str,
-    forced: str,
+    turn: ChatTurn,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], **extra) -> str:
         return stream_chunk("chat.completion.chunk", ident, created, server.name, req, choices, **extra)
@@ -372,15 +325,7 @@ async def _chat_stream(
     def choice(index: int, delta: dict[str, Any], logprobs=None, finish: str | None = None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    parsers = [
-        ReplyParser(reply_format, prefix=prefix[: len(prefix) - len(forced)])
-        if not reply_format.is_plain
-        else None
-        for _ in range(req.n)
-    ]
-    for parser in parsers:
-        if parser is not None and forced:
-            parser.feed(forced)  # inside a call: nothing to send before it completes
+    parsers = [turn.reply_stream() if turn.parses_reply else None for _ in range(req.n)]
     calls = [0] * req.n
     generated = 0
     for i in range(req.n):

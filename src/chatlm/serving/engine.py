@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..detokenize import StreamingDetokenizer
 from ..generation.decoding import Decoder, Row, Settled
 from ..generation.sampling import RowSampler, SamplingParams, TokenLogprob
-from .detokenize import TextStream
 from .metrics import Metrics
 from .model_side import ModelSide
 
@@ -246,7 +246,7 @@ class Engine:
         eos = sorted(self.eos | set(params.stop_token_ids))
         constraint = params.constraint() if params.constraint is not None else None
         sampler = RowSampler(params, request.prompt, eos, self.vocab, generator, constraint)
-        text = TextStream(self.tokenizer, params.stop, request.skip_special_tokens)
+        text = StreamingDetokenizer(self.tokenizer, params.stop, request.skip_special_tokens)
         return Row(sampler, request.prompt, text)
 
     def _decode_step(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
-from .detokenize import TextStream
+from ..detokenize import StreamingDetokenizer
 
 _WHITESPACE = " \t\n\r"
 _ESCAPES = '"\\/bfnrtu'
@@ -192,7 +192,7 @@ class JsonConstraint:
         self.eos, self.starts = frozenset(eos), starts
         self.state = JsonPrefix(arrays=prefix.startswith("["))
         self.state.feed(prefix)
-        self.text = TextStream(tokenizer, (), skip_special_tokens)
+        self.text = StreamingDetokenizer(tokenizer, (), skip_special_tokens)
         self.read = 0  # characters of the decoded text the JSON state has read
 
     @property
@@ -221,6 +221,5 @@ class JsonConstraint:
     def copy(self) -> JsonConstraint:
         twin = copy.copy(self)
         twin.state = self.state.copy()
-        twin.text = copy.copy(self.text)
-        twin.text.tokens = list(self.text.tokens)
+        twin.text = self.text.copy()
         return twin
