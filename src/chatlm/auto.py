@@ -14,8 +14,8 @@ from .loading import gguf_model
 from .loading.parts import PartAssembler
 from .loading.resolve import ResolvedModel, resolve_model
 from .loading.safetensors_weights import read_safetensors
-from .modeling import CausalLM
 from .models import model_class
+from .models.base import CausalLM
 from .models.config import ModelConfig
 from .parallel import tensor_parallel
 from .quantization import (

@@ -9,7 +9,7 @@ import torch
 
 from .auto import AutoModelForCausalLM
 from .generation.config import GenerationConfig
-from .modeling import CausalLM
+from .models.base import CausalLM
 from .reply_parsing import ReplyFormat, detect_reply_format, parse_reply
 
 TASKS = ("text-generation",)

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..generation.cache import KVCache
 from ..kernels import fused_llama
-from ..modeling import CausalLM
+from .base import CausalLM
+from .cache import KVCache
 from .config import ModelConfig
 from .layers import GatedMLP, RMSNorm, apply_rope, attention
 

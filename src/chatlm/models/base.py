@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .generation.cache import KVCache
-from .generation.config import GenerationConfig
-from .models.config import ModelConfig
-from .models.layers import (
+from ..generation.config import GenerationConfig
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import (
     attention_masks,
     longrope_context,
     rope_attention_factor,
@@ -164,7 +164,7 @@ class CausalLM(nn.Module):
     # --- generation -------------------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Generate continuations of ``input_ids``, as transformers' ``generate`` (see chatlm.generation)."""
-        from .generation.generate import generate
+        from ..generation.generate import generate
 
         return generate(self, input_ids, **kwargs)
 
@@ -191,7 +191,7 @@ class CausalLM(nn.Module):
         )
         if getattr(self, "quantization_config", None) is not None and not only_trainable:
             # int8/int4 weights are buffers, not parameters: count them as the float weights they stand for
-            from .quantization import quantized_weights
+            from ..quantization import quantized_weights
 
             count += quantized_weights(self, exclude_embeddings)
         return count
@@ -205,7 +205,7 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            from .quantization import tie_quantized
+            from ..quantization import tie_quantized
 
             if not tie_quantized(self):  # a quantized lm_head shares the embedding's int8 table
                 self.lm_head.weight = self.model.embed_tokens.weight
