@@ -11,6 +11,7 @@ import torch
 
 from .generation.config import GenerationConfig
 from .loading import gguf_model
+from .loading.gguf_blocks import GGUFBlocks
 from .loading.parts import PartAssembler
 from .loading.resolve import ResolvedModel, resolve_model
 from .loading.safetensors_weights import read_safetensors
@@ -19,7 +20,6 @@ from .models.base import CausalLM
 from .models.config import ModelConfig
 from .parallel import tensor_parallel
 from .quantization import (
-    GGUFBlocks,
     QuantizationConfig,
     check_quantization,
     quantize_modules,
