@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .kernels.fused_llama import NativeWeight
 
 # --- configs --------------------------------------------------------------------------------------------------
 
@@ -314,6 +315,16 @@ class QuantizedLinear(nn.Module):
             self.bits = 8
             self.qweight, self.scales = _quantize_int8_chunks(n, self.in_features, rows)
         self._loaded()
+
+    def native_weight(self) -> NativeWeight | None:
+        """The operands for chatlm's native kernels (the fused decode layer, `chatlm.kernels.fused_llama`): int8,
+        or int4 in the packed layout they read; None before loading and for any other int4 layout."""
+        if self.qweight is None or (self.bits == 4 and not self._native_int4):
+            return None
+        group = self.group_size if self.bits == 4 else 0
+        return NativeWeight(
+            self.bits, self.qweight, self.scales, group, self.out_features, self.in_features, self.bias
+        )
 
     def tie_to(self, embedding: QuantizedEmbedding) -> None:
         """Share a quantized embedding's int8 table (tied word embeddings)."""

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from ..generation.config import GenerationConfig
+from ..kernels import fused_llama
 from ..models import model_class
 from ..models.base import CausalLM
 from ..models.config import ModelConfig
@@ -246,6 +247,8 @@ def load_model(
     )
     if tp is not None:
         tensor_parallel.attach_all_reduces(model, tp)
+    else:  # the fused decode layer skips forward hooks, which carry tensor parallelism's all-reduces
+        fused_llama.attach(model)
     if generation_config is not None:
         model.generation_config = generation_config
     model.name_or_path = str(resolved.path)
