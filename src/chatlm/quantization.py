@@ -561,24 +561,3 @@ def quantized_slots(model: nn.Module) -> dict[str, nn.Module]:
         for name, m in model.named_modules()
         if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
     }
-
-
-def tie_quantized(model: nn.Module) -> bool:
-    """Tie ``lm_head`` to a quantized embedding; False if the two are float (the caller ties them as usual)."""
-    head, embedding = model.lm_head, model.model.embed_tokens
-    if isinstance(head, QuantizedLinear) and isinstance(embedding, QuantizedEmbedding):
-        head.tie_to(embedding)
-        return True
-    return False
-
-
-def quantized_weights(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    """Weights held by quantized modules, counted as float parameters would be (a tied table once)."""
-    modules = [m for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
-    seen = {id(m.qweight) for m in modules if exclude_embeddings and isinstance(m, QuantizedEmbedding)}
-    total = 0
-    for m in modules:
-        if m.qweight is not None and id(m.qweight) not in seen:
-            seen.add(id(m.qweight))
-            total += m.num_weights()
-    return total

@@ -190,11 +190,22 @@ class CausalLM(nn.Module):
             if id(p) not in skip and (p.requires_grad or not only_trainable)
         )
         if getattr(self, "quantization_config", None) is not None and not only_trainable:
-            # int8/int4 weights are buffers, not parameters: count them as the float weights they stand for
-            from ..quantization import quantized_weights
-
-            count += quantized_weights(self, exclude_embeddings)
+            count += self._quantized_weights(exclude_embeddings)
         return count
+
+    def _quantized_weights(self, exclude_embeddings: bool) -> int:
+        """int8/int4 weights are buffers, not parameters: counted as the float weights they stand for. A quantized
+        module (`chatlm.quantization`) holds its table in ``qweight`` and says that count with ``num_weights()``;
+        a table two modules share (a tied lm_head) counts once, and with the embeddings when they are excluded."""
+        modules = [m for m in self.modules() if hasattr(m, "num_weights") and m.qweight is not None]
+        embeddings = [m for m in modules if hasattr(m, "embedding_dim")]
+        seen = {id(m.qweight) for m in embeddings} if exclude_embeddings else set()
+        total = 0
+        for m in modules:
+            if id(m.qweight) not in seen:
+                seen.add(id(m.qweight))
+                total += m.num_weights()
+        return total
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes held by parameters (and buffers): what the weights cost in memory."""
@@ -205,7 +216,10 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            from ..quantization import tie_quantized
-
-            if not tie_quantized(self):  # a quantized lm_head shares the embedding's int8 table
-                self.lm_head.weight = self.model.embed_tokens.weight
+            head, embedding = self.lm_head, self.model.embed_tokens
+            if hasattr(head, "tie_to") and hasattr(
+                embedding, "qweight"
+            ):  # quantized: they share the int8 table
+                head.tie_to(embedding)
+            else:
+                head.weight = embedding.weight
