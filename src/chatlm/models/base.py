@@ -217,9 +217,8 @@ class CausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             head, embedding = self.lm_head, self.model.embed_tokens
-            if hasattr(head, "tie_to") and hasattr(
-                embedding, "qweight"
-            ):  # quantized: they share the int8 table
+            # Quantized (`chatlm.quantization`): the head shares the embedding's int8 table.
+            if hasattr(head, "tie_to") and hasattr(embedding, "qweight"):
                 head.tie_to(embedding)
             else:
                 head.weight = embedding.weight
