@@ -11,8 +11,11 @@ import torch.nn.functional as F
 
 from chatlm import kernels
 from chatlm.kernels import native
+from chatlm.models import model_class
+from chatlm.models.config import ModelConfig
 from chatlm.models.layers import RMSNorm
 from chatlm.quantization import quantize_int8
+from checkpoints import BASE, VARIANTS
 
 pytestmark = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler to build the kernels"
@@ -257,3 +260,15 @@ def test_fused_decode_layer_matches_the_modules(tmp_path, monkeypatch, variant, 
     assert fused.sequences.tolist() == modules.sequences.tolist()
     for a, b in zip(fused.scores, modules.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_only_llamas_own_layers_declare_fusable_parts(variant):
+    """The fused decode layer computes Llama's layer: every other family's layers (extra norms, fused projections,
+    scaled residuals, experts) declare that they are not that math."""
+    model_type, options = VARIANTS[variant]
+    config = ModelConfig.from_dict({**BASE, "vocab_size": 64, "model_type": model_type, **options})
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    declared = [getattr(layer, "fusable_parts", lambda: None)() is not None for layer in model.model.layers]
+    assert declared == [model_type in ("llama", "mistral", "qwen2")] * len(declared)

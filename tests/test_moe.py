@@ -10,7 +10,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from chatlm.auto import AutoModelForCausalLM, load_state
+from chatlm.auto import AutoModelForCausalLM
+from chatlm.loading.loader import load_state
 from chatlm.models.moe import Experts
 from checkpoints import write_checkpoint
 from gguf_export import export_gguf, quantize_dequantize

@@ -21,9 +21,9 @@ from chatlm import (
     quality,
 )
 from chatlm.loading import gguf_dequant
+from chatlm.loading.gguf_blocks import GGUFBlocks
 from chatlm.quantization import (
     KERNEL_MAX_ROWS,
-    GGUFBlocks,
     QuantizedEmbedding,
     QuantizedLinear,
     quantize_int4,

@@ -266,8 +266,9 @@ def run_bench(
     ``quantization``, and measure it (see the module's docstring). ``quality=True`` adds the perplexity on the
     shipped text (``window`` / ``stride``: see ``chatlm.quality.perplexity``). ``progress`` is called with a line
     of text at each stage."""
-    from .auto import AutoModelForCausalLM, resolve_device
+    from .auto import AutoModelForCausalLM
     from .info import memory_bandwidth
+    from .loading.loader import resolve_device
     from .loading.resolve import resolve_model
     from .tokenizer import AutoTokenizer
 

@@ -10,7 +10,7 @@ import torch
 from .auto import AutoModelForCausalLM
 from .chat_turn import ChatTurn
 from .generation.config import GenerationConfig
-from .modeling import CausalLM
+from .models.base import CausalLM
 
 TASKS = ("text-generation",)
 # What transformers' text-generation pipeline uses when the model brings no generation_config.json of its own.

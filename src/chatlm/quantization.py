@@ -13,10 +13,10 @@ Formats:
   ``torch._convert_weight_to_int4pack_for_cpu``.
 - Embeddings (and ``lm_head``) are int8 per row even in 4-bit mode: the logits are the most sensitive matmul, and
   a lookup dequantizes only the rows it reads. A tied ``lm_head`` shares the embedding's int8 table.
-- GGUF: in 4-bit mode, Q4_0, Q4_1 and Q4_K blocks are kept as they are: group-32 int4 with a scale and a zero
-  point (``d * (q - 8)``, ``d * q + m``, ``d * sc * q - dmin * m`` rewritten as ``(q - 8) * s + z``), no
-  requantization (``group_size`` does not apply to them). Every other case is dequantized a chunk of rows at a
-  time and quantized as a float weight is: Q8_0 (a scale per 32 values) to int8 with one scale per output channel
+- GGUF (blocks that `chatlm.loading.gguf_blocks` hands over as a `BlockWeight`): in 4-bit mode, Q4_0, Q4_1 and
+  Q4_K blocks are kept as they are: group-32 int4 with a scale and a zero point, no requantization
+  (``group_size`` does not apply to them). Every other case is dequantized a chunk of rows at a time and quantized
+  as a float weight is: Q8_0 (a scale per 32 values) to int8 with one scale per output channel
   (the int8 kernel has no block scales), 4-bit blocks to int8 in 8-bit mode (what was asked for, as transformers
   with bitsandbytes does), other types to the mode's format.
 
@@ -37,13 +37,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .kernels.fused_llama import NativeWeight
 
 # --- configs --------------------------------------------------------------------------------------------------
 
@@ -240,6 +241,23 @@ def layout_known(out_features: int) -> bool:
     return _LAYOUT_OK[out_features]
 
 
+class BlockWeight(Protocol):
+    """A weight that arrives block-quantized (GGUF's, `chatlm.loading.gguf_blocks.GGUFBlocks`), for
+    ``load_weight``: its rows as float32, and where ``int4_native``, as the group-32 int4 of this module's format.
+    Quantization takes it by these methods: the readers of files sit above it and hand it over."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def int4_native(self) -> bool: ...
+
+    def float_rows(self, start: int, stop: int) -> torch.Tensor: ...
+
+    def int4_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [0, 15] int32 (rows, in), scales, zeros (rows, in / 32)): ``w = (q - 8) * scale + zero``."""
+        ...
+
+
 # --- modules --------------------------------------------------------------------------------------------------
 
 # Up to this many rows (tokens) the int8 / int4 kernels run; above, a float matmul on weights dequantized one tile
@@ -257,7 +275,7 @@ class QuantizedLinear(nn.Module):
     """``nn.Linear`` with int8 or int4 weights (see the module docstring); the bias stays in the model's dtype.
 
     Built on the meta device with the float layer's shape; ``load_weight`` quantizes a float weight (or takes a
-    GGUF block-quantized one) when the checkpoint delivers it. ``bits`` is 8 or 4 from then on.
+    block-quantized one (`BlockWeight`) when the checkpoint delivers it. ``bits`` is 8 or 4 from then on.
     """
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int, compute_dtype: torch.dtype):
@@ -276,11 +294,11 @@ class QuantizedLinear(nn.Module):
     def fits_int4(out_features: int, in_features: int, group_size: int) -> bool:
         return out_features % 16 == 0 and in_features % group_size == 0
 
-    def load_weight(self, weight) -> None:
-        """Quantize a float (out, in) weight, or keep a GGUF one (`GGUFBlocks`) in its nearest lossless form.
-        Works through the rows in chunks, so that no float copy of the whole weight is made."""
+    def load_weight(self, weight: torch.Tensor | BlockWeight) -> None:
+        """Quantize a float (out, in) weight, or keep a block-quantized one (`BlockWeight`: GGUF's) in its
+        nearest lossless form. Works through the rows in chunks, so that no float copy of the whole weight is made."""
         n = self.out_features
-        native = isinstance(weight, GGUFBlocks) and weight.int4_native
+        native = not isinstance(weight, torch.Tensor) and weight.int4_native
         if native and self.bits == 4 and self.fits_int4(n, self.in_features, 32):
             # 4-bit GGUF blocks stay as they are: group 32 whatever group_size says, no requantization
             self.group_size = 32
@@ -297,6 +315,16 @@ class QuantizedLinear(nn.Module):
             self.bits = 8
             self.qweight, self.scales = _quantize_int8_chunks(n, self.in_features, rows)
         self._loaded()
+
+    def native_weight(self) -> NativeWeight | None:
+        """The operands for chatlm's native kernels (the fused decode layer, `chatlm.kernels.fused_llama`): int8,
+        or int4 in the packed layout they read; None before loading and for any other int4 layout."""
+        if self.qweight is None or (self.bits == 4 and not self._native_int4):
+            return None
+        group = self.group_size if self.bits == 4 else 0
+        return NativeWeight(
+            self.bits, self.qweight, self.scales, group, self.out_features, self.in_features, self.bias
+        )
 
     def tie_to(self, embedding: QuantizedEmbedding) -> None:
         """Share a quantized embedding's int8 table (tied word embeddings)."""
@@ -423,8 +451,8 @@ def _chunk_rows(n: int, k: int) -> int:
 
 
 def _float_rows(weight) -> Callable[[int, int], torch.Tensor]:
-    """rows(start, stop) -> those rows of a float tensor or of GGUF blocks, as float32."""
-    if isinstance(weight, GGUFBlocks):
+    """rows(start, stop) -> those rows of a float tensor or of a block-quantized weight, as float32."""
+    if not isinstance(weight, torch.Tensor):
         return weight.float_rows
     return lambda start, stop: weight[start:stop].float()
 
@@ -533,89 +561,3 @@ def quantized_slots(model: nn.Module) -> dict[str, nn.Module]:
         for name, m in model.named_modules()
         if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
     }
-
-
-def tie_quantized(model: nn.Module) -> bool:
-    """Tie ``lm_head`` to a quantized embedding; False if the two are float (the caller ties them as usual)."""
-    head, embedding = model.lm_head, model.model.embed_tokens
-    if isinstance(head, QuantizedLinear) and isinstance(embedding, QuantizedEmbedding):
-        head.tie_to(embedding)
-        return True
-    return False
-
-
-def quantized_weights(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    """Weights held by quantized modules, counted as float parameters would be (a tied table once)."""
-    modules = [m for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
-    seen = {id(m.qweight) for m in modules if exclude_embeddings and isinstance(m, QuantizedEmbedding)}
-    total = 0
-    for m in modules:
-        if m.qweight is not None and id(m.qweight) not in seen:
-            seen.add(id(m.qweight))
-            total += m.num_weights()
-    return total
-
-
-# --- GGUF blocks kept quantized -------------------------------------------------------------------------------
-
-
-class GGUFBlocks:
-    """A GGUF tensor's raw blocks, (rows, bytes per row) uint8, delivered to a quantized module as they are."""
-
-    def __init__(self, raw: torch.Tensor, ggml_type, shape: tuple[int, ...]):
-        self.raw, self.ggml_type, self.shape = raw, ggml_type, tuple(shape)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.float_rows(0, self.shape[0])
-
-    def float_rows(self, start: int, stop: int) -> torch.Tensor:
-        from .loading import gguf_dequant
-
-        return gguf_dequant.dequantize(self.raw[start:stop], self.ggml_type, (stop - start, *self.shape[1:]))
-
-    @property
-    def int4_native(self) -> bool:
-        """Q4_0, Q4_1 or Q4_K: group-32 int4 with a scale and a zero point, as they are."""
-        return self.ggml_type.name in _GGUF_INT4
-
-    def int4_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q [0, 15] int32 (rows, in), scales, zeros (rows, in / 32)) of rows [start, stop) of a Q4 tensor."""
-        name, k = self.ggml_type.name, self.shape[1]
-        q, scales, zeros = _GGUF_INT4[name](self.raw[start:stop].reshape(-1, _GGUF_BLOCK_BYTES[name]))
-        return q.reshape(-1, k), scales.reshape(-1, k // 32), zeros.reshape(-1, k // 32)
-
-
-def _f16(b: torch.Tensor, start: int) -> torch.Tensor:
-    return b[:, start : start + 2].contiguous().view(torch.float16).float().view(-1)
-
-
-def _nibbles(b: torch.Tensor) -> torch.Tensor:
-    """(blocks, 16) bytes -> (blocks, 32) values: the low nibbles are values 0-15, the high ones 16-31."""
-    return torch.cat([b & 15, b >> 4], dim=1).to(torch.int32)
-
-
-def _q4_0(b: torch.Tensor):  # d * (q - 8)
-    d = _f16(b, 0)
-    return _nibbles(b[:, 2:18]), d, torch.zeros_like(d)
-
-
-def _q4_1(b: torch.Tensor):  # d * q + m = (q - 8) * d + (m + 8 d)
-    d, m = _f16(b, 0), _f16(b, 2)
-    return _nibbles(b[:, 4:20]), d, m + 8 * d
-
-
-def _q4_k(b: torch.Tensor):
-    # per 32 values: d * sc * q - dmin * m = (q - 8) * (d * sc) + (8 * d * sc - dmin * m)
-    from .loading.gguf_dequant import _k4_scales
-
-    n = b.shape[0]
-    scale, offset = _k4_scales(b)  # (n, 8, 1) each: d * sc and dmin * m
-    # 128 bytes: four runs of 32 bytes, each the low nibbles of one group of 32 values and the high of the next
-    runs = b[:, 16:144].reshape(n * 4, 32)
-    q = torch.stack([runs & 15, runs >> 4], dim=1).to(torch.int32).view(n * 8, 32)
-    scale, offset = scale.view(-1), offset.view(-1)
-    return q, scale, 8 * scale - offset
-
-
-_GGUF_INT4 = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
-_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}

@@ -286,17 +286,3 @@ def generate(
             stats,
         )
     return sequences
-
-
-def compute_transition_scores(
-    sequences: torch.Tensor, scores: tuple[torch.Tensor, ...], normalize_logits: bool = False
-) -> torch.Tensor:
-    """transformers' ``compute_transition_scores`` for greedy and sampled output: the score of each generated
-    token, (batch, new tokens); ``normalize_logits=True`` gives its log-probability (log-softmax over the
-    vocabulary). Pass ``output.scores`` for the processed scores or ``output.logits`` for the raw ones."""
-    stacked = torch.stack(scores, dim=1).float()  # (batch, new, vocab)
-    if normalize_logits:
-        stacked = stacked.log_softmax(-1)
-    chosen = sequences[:, sequences.shape[1] - stacked.shape[1] :]
-    picked = stacked.gather(-1, chosen[..., None].to(stacked.device))[..., 0]
-    return picked.masked_fill(torch.isinf(picked), 0.0)

@@ -5,16 +5,40 @@ weights. For the common case, float32 activations with int4/int8 weights the nat
 the layer: RMSNorm, the q/k/v projections, rope + cache write + attention, o_proj and the residual, RMSNorm, the
 SwiGLU MLP and the residual, each through the same kernels the module path uses, in the same order. ``plan`` says
 whether a layer qualifies; anything else (another architecture, float weights, bfloat16, a mask) runs the modules.
+
+The kernel attaches to a loaded model from outside (`attach`, called by the loader), as tensor parallelism does,
+and knows no model or quantization class: a layer declares its pieces with ``fusable_parts()`` (None: it is not
+this math), a quantized linear layer its operands with ``native_weight()`` (a `NativeWeight`).
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import native
+
+MAX_TOKENS = 16  # tokens of one row that a fused decoding step takes at once (the check of a few guesses)
+
+
+@dataclass(frozen=True)
+class NativeWeight:
+    """A quantized linear layer's operands as the native kernels read them. 8 bits: ``weight`` (n, k) int8 and
+    ``scales`` (n,) float32; 4 bits: ``weight`` in torch's packed CPU layout (AVX-512: blocks of 64 channels) and
+    ``scales`` (k / group, n, 2) scales and zero points. ``weight`` is the layer's ``qweight`` buffer: a reload or
+    a move replaces it, and the plan is made again."""
+
+    bits: int
+    weight: torch.Tensor
+    scales: torch.Tensor
+    group: int  # inputs per int4 scale (0 for int8)
+    out_features: int
+    in_features: int
+    bias: torch.Tensor | None
 
 
 class _Linear(ctypes.Structure):
@@ -33,44 +57,36 @@ class _Linear(ctypes.Structure):
 class LayerPlan:
     """The fixed arguments of one layer's native call, and the tensors behind them (kept alive here)."""
 
-    def __init__(self, layer: nn.Module, linears: list[nn.Module]):
-        attn = layer.self_attn
-        self.layer = layer
-        self.weights = [m.qweight for m in linears]  # checked each step: a reloaded or moved model re-plans
-        self.keep = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight] + [
-            t for m in linears for t in (m.qweight, m.scales, m.bias) if t is not None
-        ]
+    def __init__(self, parts, weights: list[NativeWeight]):
+        projections = parts.projections
+        self.first, self.last = projections[0], projections[-1]
+        self.weights = (weights[0].weight, weights[-1].weight)  # checked each step: see `valid`
+        norms = (parts.input_norm.weight, parts.post_attention_norm.weight)
+        self.keep = [*norms] + [t for w in weights for t in (w.weight, w.scales, w.bias) if t is not None]
         self.projections = (_Linear * 7)(
             *[
                 _Linear(
-                    m.bits,
-                    m.qweight.data_ptr(),
-                    m.scales.data_ptr(),
-                    int(m.scales.dtype == torch.float32),
-                    m.group_size if m.bits == 4 else 0,
-                    m.out_features,
-                    m.in_features,
-                    m.bias.data_ptr() if m.bias is not None else None,
+                    w.bits,
+                    w.weight.data_ptr(),
+                    w.scales.data_ptr(),
+                    int(w.scales.dtype == torch.float32),
+                    w.group,
+                    w.out_features,
+                    w.in_features,
+                    w.bias.data_ptr() if w.bias is not None else None,
                 )
-                for m in linears
+                for w in weights
             ]
         )
-        self.norms = (
-            layer.input_layernorm.weight.data_ptr(),
-            layer.post_attention_layernorm.weight.data_ptr(),
-        )
-        self.eps = layer.input_layernorm.eps
-        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        self.scale = attn.head_dim**-0.5 if attn.scale is None else attn.scale
+        self.norms = (norms[0].data_ptr(), norms[1].data_ptr())
+        self.eps = parts.input_norm.eps
+        self.heads, self.kv_heads, self.head_dim = parts.heads, parts.kv_heads, parts.head_dim
+        self.scale = parts.head_dim**-0.5 if parts.scale is None else parts.scale
 
     def valid(self) -> bool:
         """Whether the layer still holds the weights planned for (asked every step, so two checks: a reload or a
         move replaces them all)."""
-        layer = self.layer
-        return (
-            layer.self_attn.q_proj.qweight is self.weights[0]
-            and layer.mlp.down_proj.qweight is self.weights[6]
-        )
+        return self.first.qweight is self.weights[0] and self.last.qweight is self.weights[1]
 
     def run(
         self,
@@ -108,41 +124,60 @@ class LayerPlan:
         )
 
 
-def _native_linear(m: nn.Module) -> bool:
-    from ..quantization import QuantizedLinear
-
-    if type(m) is not QuantizedLinear or m.qweight is None:
-        return False
-    if m.bias is not None and (m.bias.dtype != torch.float32 or not m.bias.is_contiguous()):
-        return False
-    if m.bits == 4:  # torch's AVX-512 layout, and our kernel for it built (it needs AVX-512 too)
-        return m._native_int4 and bool(native.library().chatlm_has_int4_kernel())
-    return m.out_features % 4 == 0 and m.in_features % 16 == 0 and m.qweight.is_contiguous()
+def _native_weight(m: nn.Module) -> NativeWeight | None:
+    """The operands of a linear layer that the native kernels take, or None (a float layer declares none)."""
+    declare = getattr(m, "native_weight", None)
+    w = declare() if declare is not None else None
+    if w is None:
+        return None
+    if w.bias is not None and (w.bias.dtype != torch.float32 or not w.bias.is_contiguous()):
+        return None
+    if w.bits == 4:  # our kernel for torch's AVX-512 layout, built (it needs AVX-512 too)
+        return w if native.library().chatlm_has_int4_kernel() else None
+    fits = w.out_features % 4 == 0 and w.in_features % 16 == 0 and w.weight.is_contiguous()
+    return w if fits else None
 
 
 def plan(layer: nn.Module) -> LayerPlan | None:
-    """The native plan of a Llama decoder layer, or None where the module path must run it."""
-    from ..models.layers import GatedMLP, RMSNorm
-    from ..models.llama import Attention, DecoderLayer
-
+    """The native plan of a decoder layer, or None where the module path must run it."""
     if native.library() is None:
         return None
-    if (
-        type(layer) is not DecoderLayer
-        or type(layer.self_attn) is not Attention
-        or type(layer.mlp) is not GatedMLP
-    ):
+    declare = getattr(layer, "fusable_parts", None)
+    parts = declare() if declare is not None else None
+    if parts is None:
         return None
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if any(
-        type(n) is not RMSNorm or n.weight.dtype != torch.float32 or n.weight.device.type != "cpu"
-        for n in norms
-    ):
+    norms = (parts.input_norm, parts.post_attention_norm)
+    if any(n.weight.dtype != torch.float32 or n.weight.device.type != "cpu" for n in norms):
         return None
-    if norms[0].eps != norms[1].eps or layer.mlp.act is not torch.nn.functional.silu:
+    if norms[0].eps != norms[1].eps or parts.activation is not F.silu:
         return None
-    a, m = layer.self_attn, layer.mlp
-    linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-    if not all(_native_linear(x) for x in linears):
+    weights = [_native_weight(m) for m in parts.projections]
+    if not all(weights):
         return None
-    return LayerPlan(layer, linears)
+    return LayerPlan(parts, weights)
+
+
+class DecodeFusion:
+    """What `attach` installs on a model: the steps the fused layer call takes, and each layer's plan."""
+
+    def takes(self, x: torch.Tensor, cos: torch.Tensor) -> bool:
+        """One new token per row, or a few tokens of one row (speculative decoding's check), all float32 on the
+        CPU."""
+        batch, tokens = x.shape[:2]
+        return (
+            (tokens == 1 or (batch == 1 and tokens <= MAX_TOKENS))
+            and x.dtype == torch.float32
+            and cos.dtype == torch.float32
+            and x.is_cpu
+        )
+
+    def plan(self, layer: nn.Module) -> LayerPlan | None:
+        return plan(layer)
+
+
+def attach(model: nn.Module) -> None:
+    """Give a loaded model the fused decode path, where its forward offers one (``decode_fusion``): each layer that
+    declares fusable parts with weights the kernels take then runs as one native call per decoding step. Not for
+    a tensor-parallel model: its all-reduces run as forward hooks, which the native call would skip."""
+    if hasattr(model, "decode_fusion"):
+        model.decode_fusion = DecodeFusion()

@@ -149,7 +149,7 @@ def _scale_min_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.float(), mn.float()
 
 
-def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K: each 32-value group's scale ``d * sc`` and offset ``dmin * m``, shaped (n, 8, 1)."""
     n = b.shape[0]
     sc, mn = _scale_min_k4(b[:, 4:16])
@@ -159,7 +159,7 @@ def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
-    d, dm = _k4_scales(b)
+    d, dm = k4_scales(b)
     # Four groups of 32 bytes, each the low then the high nibbles of 32 values.
     out.view(n * 4, 2, 32).copy_(_fields(b[:, 16:144].reshape(n * 4, 32), 4))
     out.view(n, 8, 32).mul_(d).sub_(dm)
@@ -167,7 +167,7 @@ def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
 
 def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
-    d, dm = _k4_scales(b)
+    d, dm = k4_scales(b)
     low = _fields(b[:, 48:176].reshape(n * 4, 32), 4).reshape(n, 8, 32)
     high = _fields(b[:, 16:48], 1)  # (n, 8, 32): bit i of byte j is the fifth bit of value 32 * i + j
     out.view(n, 8, 32).copy_(low | (high << 4))

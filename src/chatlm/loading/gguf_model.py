@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from ..quantization import GGUFBlocks
 from . import gguf_dequant
+from .gguf_blocks import GGUFBlocks
 from .gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, open_gguf_file
 
 # GGUF architecture -> Hugging Face model_type.

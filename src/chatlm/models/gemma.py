@@ -13,8 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..generation.cache import KVCache
-from ..modeling import CausalLM
+from .base import CausalLM
+from .cache import KVCache
 from .config import ModelConfig
 from .layers import GatedMLP, apply_rope, attention, rope_cos_sin, rope_inverse_frequencies
 from .llama import Attention

@@ -23,6 +23,9 @@ class GraniteDecoderLayer(DecoderLayer):
         super().__init__(config, layer_index, qkv_bias)
         self.residual_multiplier = config.extra.get("residual_multiplier", 1.0)
 
+    def fusable_parts(self) -> None:
+        return None  # scaled residuals and softmax: not the fused decode kernel's math
+
     def forward(self, x, cos, sin, masks, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache) * self.residual_multiplier
         return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier

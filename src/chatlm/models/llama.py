@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .. import kernels
-from ..generation.cache import KVCache
-from ..kernels import fused_llama
-from ..modeling import CausalLM
+from .base import CausalLM
+from .cache import KVCache
 from .config import ModelConfig
 from .layers import GatedMLP, RMSNorm, apply_rope, attention
 
@@ -65,6 +67,23 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+@dataclass(frozen=True)
+class FusableParts:
+    """A decoder layer as a fused decode kernel may run it in one call, declared by ``fusable_parts()``:
+    ``x += o(attention(rope(q, k, v of input_norm(x))))``, then ``x += down(activation(gate(h)) * up(h))`` with
+    ``h = post_attention_norm(x)``; both norms Llama's RMSNorm (``weight``, ``eps``). The kernel checks the rest
+    (dtypes, devices, the projections' formats) itself."""
+
+    input_norm: RMSNorm
+    post_attention_norm: RMSNorm
+    projections: tuple[nn.Module, ...]  # q, k, v, o, gate, up, down
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float | None  # None: 1/sqrt(head_dim)
+
+
 class DecoderLayer(nn.Module):
     attention_class = Attention
     mlp_class = GatedMLP
@@ -80,6 +99,21 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def fusable_parts(self) -> FusableParts | None:
+        """This layer's pieces for a fused decode kernel (see `FusableParts`). A subclass that changes the math
+        (its attention, MLP, norms or residuals) overrides this to return None, unless it still is that."""
+        a, m = self.self_attn, self.mlp
+        return FusableParts(
+            self.input_layernorm,
+            self.post_attention_layernorm,
+            (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
+            m.act,
+            a.num_heads,
+            a.num_kv_heads,
+            a.head_dim,
+            a.scale,
+        )
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, qkv_bias: bool, layer_class: type[nn.Module] = DecoderLayer):
@@ -92,15 +126,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-FUSED_MAX_TOKENS = (
-    16  # tokens of one row that a fused decoding step takes at once (the check of a few guesses)
-)
-
-
 class LlamaForCausalLM(CausalLM):
     # Qwen2 is Llama with biases on q, k and v; Mistral is Llama with a sliding window (from its config).
     QKV_BIAS = {"qwen2": True}
     layer_class: type[nn.Module] = DecoderLayer  # the other families built on Llama swap in their layers
+    # A fused decode path, attached from outside to a loaded model (`chatlm.kernels.fused_llama.attach`): it
+    # says which steps it takes (``takes``) and plans each layer's native call (``plan``, None: the modules).
+    decode_fusion = None
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -119,24 +151,19 @@ class LlamaForCausalLM(CausalLM):
         return self.model.norm(x)
 
     def _decode_plans(self, x, cos, masks, cache) -> list | None:
-        """Per layer, the native plan of a decoding step (`kernels.fused_llama`), or None for the module path:
-        one new token per row (or a few tokens of one row: speculative decoding's check), float32 activations,
-        plain causal attention."""
-        batch, tokens = x.shape[:2]
+        """Per layer, the fused plan of this step (see ``decode_fusion``), or None for the module path: a step the
+        fusion takes, over a cache, plain causal attention (or rows starting at their own slots), no autograd."""
+        fusion = self.decode_fusion
         if (
-            not (tokens == 1 or (batch == 1 and tokens <= FUSED_MAX_TOKENS))
+            fusion is None
             or cache is None
-            or x.dtype != torch.float32
-            or cos.dtype != torch.float32
-            or not x.is_cpu
+            or not fusion.takes(x, cos)
             or not (getattr(masks, "plain_causal", False) or getattr(masks, "row_starts", None) is not None)
             or torch.is_grad_enabled()
-            or getattr(self, "tensor_parallel", None)
-            is not None  # the rowwise layers' all-reduces run as hooks
         ):
             return None
         plans = self.__dict__.get("_plans")
         if plans is None or not all(p is None or p.valid() for p in plans):
-            plans = [fused_llama.plan(layer) for layer in self.model.layers]
+            plans = [fusion.plan(layer) for layer in self.model.layers]
             self.__dict__["_plans"] = plans
         return plans

@@ -154,6 +154,9 @@ class MoeDecoderLayer(DecoderLayer):
             # Replaces the dense MLP the base class built (on the meta device, where models are built, for free).
             self.mlp = SparseMoeBlock(config)
 
+    def fusable_parts(self) -> None:
+        return None  # experts (and the dense layers among them run as modules too)
+
 
 class Qwen3MoeDecoderLayer(MoeDecoderLayer):
     attention_class = Qwen3Attention  # q and k normalised per head, as dense Qwen3

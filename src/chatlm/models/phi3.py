@@ -39,6 +39,9 @@ class Phi3DecoderLayer(DecoderLayer):
     attention_class = Phi3Attention
     mlp_class = Phi3MLP
 
+    def fusable_parts(self) -> None:
+        return None  # fused qkv and gate_up projections: not the fused decode kernel's operands
+
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     layer_class = Phi3DecoderLayer

@@ -24,6 +24,9 @@ class Qwen3Attention(Attention):
 class Qwen3DecoderLayer(DecoderLayer):
     attention_class = Qwen3Attention
 
+    def fusable_parts(self) -> None:
+        return None  # q and k normalised per head: not the fused decode kernel's math
+
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     layer_class = Qwen3DecoderLayer

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .generation.cache import KVCache
-from .generation.config import GenerationConfig
-from .models.config import ModelConfig
-from .models.layers import (
+from ..generation.config import GenerationConfig
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import (
     attention_masks,
     longrope_context,
     rope_attention_factor,
@@ -164,18 +164,21 @@ class CausalLM(nn.Module):
     # --- generation -------------------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Generate continuations of ``input_ids``, as transformers' ``generate`` (see chatlm.generation)."""
-        from .generation.generate import generate
+        from ..generation.generate import generate
 
         return generate(self, input_ids, **kwargs)
 
     def compute_transition_scores(
         self, sequences: torch.Tensor, scores: tuple[torch.Tensor, ...], normalize_logits: bool = False
     ) -> torch.Tensor:
-        """Each generated token's score, (batch, new tokens), as transformers computes it; with
-        ``normalize_logits=True``, its log-probability."""
-        from .generation.generate import compute_transition_scores
-
-        return compute_transition_scores(sequences, scores, normalize_logits)
+        """transformers' ``compute_transition_scores`` for greedy and sampled output: the score of each generated
+        token, (batch, new tokens); ``normalize_logits=True`` gives its log-probability (log-softmax over the
+        vocabulary). Pass ``output.scores`` for the processed scores or ``output.logits`` for the raw ones."""
+        stacked = torch.stack(scores, dim=1).float()  # (batch, new, vocab)
+        if normalize_logits:
+            stacked = stacked.log_softmax(-1)
+        chosen = sequences[:, sequences.shape[1] - stacked.shape[1] :]
+        return stacked.gather(-1, chosen[..., None].to(stacked.device))[..., 0]
 
     # --- vital statistics -------------------------------------------------------------------------------------
     @property
@@ -199,11 +202,22 @@ class CausalLM(nn.Module):
             if id(p) not in skip and (p.requires_grad or not only_trainable)
         )
         if getattr(self, "quantization_config", None) is not None and not only_trainable:
-            # int8/int4 weights are buffers, not parameters: count them as the float weights they stand for
-            from .quantization import quantized_weights
-
-            count += quantized_weights(self, exclude_embeddings)
+            count += self._quantized_weights(exclude_embeddings)
         return count
+
+    def _quantized_weights(self, exclude_embeddings: bool) -> int:
+        """int8/int4 weights are buffers, not parameters: counted as the float weights they stand for. A quantized
+        module (`chatlm.quantization`) holds its table in ``qweight`` and says that count with ``num_weights()``;
+        a table two modules share (a tied lm_head) counts once, and with the embeddings when they are excluded."""
+        modules = [m for m in self.modules() if hasattr(m, "num_weights") and m.qweight is not None]
+        embeddings = [m for m in modules if hasattr(m, "embedding_dim")]
+        seen = {id(m.qweight) for m in embeddings} if exclude_embeddings else set()
+        total = 0
+        for m in modules:
+            if id(m.qweight) not in seen:
+                seen.add(id(m.qweight))
+                total += m.num_weights()
+        return total
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes held by parameters (and buffers): what the weights cost in memory."""
@@ -214,7 +228,9 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            from .quantization import tie_quantized
-
-            if not tie_quantized(self):  # a quantized lm_head shares the embedding's int8 table
-                self.lm_head.weight = self.model.embed_tokens.weight
+            head, embedding = self.lm_head, self.model.embed_tokens
+            # Quantized (`chatlm.quantization`): the head shares the embedding's int8 table.
+            if hasattr(head, "tie_to") and hasattr(embedding, "qweight"):
+                head.tie_to(embedding)
+            else:
+                head.weight = embedding.weight
