@@ -288,7 +288,7 @@ def _chat_turn(tokenizer, req: ChatRequest) -> ChatTurn:
             req.messages,
             tools=req.tools,
             tool_choice=req.tool_choice,
-            json_object=req.params.json_object,
+            json_object=req.json_object,
         )
     except UnsupportedToolChoice as e:
         raise APIError(400, str(e), param="tool_choice", code="unsupported") from e
