@@ -82,10 +82,6 @@ def prepare_inputs(
 PREFILL_CHUNK = 512  # prompt tokens per forward call while prefilling
 
 
-def _longrope(model) -> bool:
-    return getattr(model, "_longrope_context", None) is not None
-
-
 def generate_steps(
     model,
     input_ids: torch.Tensor,
@@ -157,7 +153,8 @@ def _prefill(model, cache: RaggedCache, ids: torch.Tensor, real: torch.Tensor) -
     Longrope models take the prompt in one call, since the rope factors they rotate with depend on the positions
     of the call."""
     length = ids.shape[1]
-    chunk = length if getattr(model, "_longrope_context", None) is not None else PREFILL_CHUNK
+    longrope = getattr(model, "_longrope_context", None) is not None
+    chunk = length if longrope else PREFILL_CHUNK
     logits = None
     for start in range(0, length, max(chunk, 1)):
         stop = min(length, start + chunk)
