@@ -20,6 +20,8 @@ _EXPORTS = {
     "AutoTokenizer": "tokenizer",
     "PreTrainedTokenizerFast": "tokenizer",
     "GenerationConfig": "generation.config",
+    "DynamicCache": "models.cache",
+    "PrefixCache": "generation.prefix_cache",
     "TextStreamer": "generation.streamers",
     "TextIteratorStreamer": "generation.streamers",
     "QuantizationConfig": "quantization",
@@ -33,8 +35,10 @@ __all__ = [
     "AutoModelForCausalLM",
     "AutoTokenizer",
     "BitsAndBytesConfig",
+    "DynamicCache",
     "GenerationConfig",
     "PreTrainedTokenizerFast",
+    "PrefixCache",
     "QuantizationConfig",
     "TextGenerationPipeline",
     "TextIteratorStreamer",
@@ -50,7 +54,9 @@ if TYPE_CHECKING:
     from .auto import AutoModelForCausalLM
     from .chat_template import render_chat_template
     from .generation.config import GenerationConfig
+    from .generation.prefix_cache import PrefixCache
     from .generation.streamers import TextIteratorStreamer, TextStreamer
+    from .models.cache import DynamicCache
     from .pipeline import TextGenerationPipeline, pipeline
     from .quantization import BitsAndBytesConfig, QuantizationConfig
     from .tokenizer import AutoTokenizer, PreTrainedTokenizerFast

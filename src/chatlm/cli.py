@@ -57,10 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--draft", default=None, metavar="MODEL", help="speculative decoding with a smaller draft model"
         )
+        cache_ram(p)
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="after each reply: prompt tokens reused from the cache, speed",
+        )
 
-    chat = sub.add_parser("chat", help="an interactive chat (/reset starts over, /exit quits)")
+    def cache_ram(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--cache-ram",
+            type=_non_negative_int,
+            default=1024,
+            metavar="MIB",
+            help="memory for keys and values kept across turns and requests, so that a prompt that starts as an "
+            "earlier one did computes only the rest (default 1024 MiB; 0 turns it off)",
+        )
+
+    chat = sub.add_parser(
+        "chat",
+        help="an interactive chat (/reset starts over, /save FILE and /load FILE keep it, /exit quits)",
+    )
     chat.add_argument(
         "model", nargs="?", help="local directory, .gguf file or Hub id (default: the bundled model)"
+    )
+    chat.add_argument(
+        "--save",
+        metavar="FILE",
+        help="resume the chat kept in FILE (if it exists) and keep it there after every turn, with its cache "
+        "when the model is the same",
     )
     common(chat)
     chat.set_defaults(func=cmd_chat)
@@ -159,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait; more get 429 (default 64)",
     )
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API")
+    cache_ram(serve)
     weights(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
@@ -168,6 +194,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -217,10 +250,30 @@ class Session:
         if args.draft:
             self.draft = _load_model(args.draft, args, tensor_parallel=False)  # whole on every rank
         self.system, self.args = args.system, args
+        from .generation.prefix_cache import PrefixCache
+
+        self.prefix_cache = PrefixCache(args.cache_ram << 20)
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.ids: list[int] = []  # the chat's tokens as last computed, whose keys and values may be cached
+
+    def save(self, path: str) -> int:
+        """Keep the chat in ``path`` with the keys and values of its tokens (not under tensor parallelism, where
+        each rank holds a share of them); how many tokens of them were saved."""
+        from .generation.chat_file import save_chat
+
+        cache = None if _distributed() else self.prefix_cache
+        return save_chat(path, self.messages, self.model, cache, self.ids)
+
+    def load(self, path: str):
+        """Continue the chat kept in ``path`` (`chat_file.LoadedChat`: its cache restored, or why not)."""
+        from .generation.chat_file import load_chat
+
+        loaded = load_chat(path, self.model, None if _distributed() else self.prefix_cache)
+        self.messages, self.ids = loaded.messages, loaded.ids
+        return loaded
 
     def reply(
         self,
@@ -256,9 +309,19 @@ class Session:
             from .utils import set_seed
 
             set_seed(seed)
+        prompt = turn.prompt_ids
+        cache = self.prefix_cache.fetch(self.model, prompt, limit=len(prompt) - 1)
+        reused, started = cache.offset, time.perf_counter()
         output = self.model.generate(
-            ids.to(self.model.device), max_new_tokens=self.args.max_new_tokens, streamer=streamer, **options
+            ids.to(self.model.device),
+            max_new_tokens=self.args.max_new_tokens,
+            streamer=streamer,
+            past_key_values=cache,
+            **options,
         )
+        elapsed = time.perf_counter() - started
+        self.prefix_cache.insert_cache(cache)
+        self.ids = cache.tokens()
         if parser is not None:
             message = parser.message
         else:
@@ -270,6 +333,14 @@ class Session:
         if stats is not None and sys.stderr.isatty():  # on a terminal: how much the guessing helped
             print(
                 f"\n\033[2m(speculation: {stats.accepted} of {stats.proposed} guesses accepted)\033[0m",
+                file=sys.stderr,
+                end="",
+            )
+        if self.args.verbose:
+            new = output.shape[1] - len(prompt)
+            print(
+                f"\n(prompt {len(prompt)} tokens, {reused} reused from the cache; reply {new} tokens in "
+                f"{elapsed:.2f} s, {new / max(elapsed, 1e-9):.1f} tokens/s)",
                 file=sys.stderr,
                 end="",
             )
@@ -340,6 +411,8 @@ def _follow(session: Session) -> int:
             return 0
         if text == "/reset":
             session.reset()
+        elif isinstance(text, list):  # a chat rank 0 loaded
+            session.messages, session.ids = text, []
         else:
             session.reply(text, lambda _: None, lambda _: None)
 
@@ -358,8 +431,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _chat_loop(session: Session, share) -> int:
     interactive = sys.stdin.isatty()
+    keep = session.args.save
+    if keep and os.path.exists(keep):
+        _load(session, keep, share)
     if interactive:
-        print("chatlm: type a message, /reset to start over, /exit to quit.", file=sys.stderr)
+        print(
+            "chatlm: type a message, /reset to start over, /save FILE or /load FILE to keep the chat, /exit to "
+            "quit.",
+            file=sys.stderr,
+        )
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -377,9 +457,20 @@ def _chat_loop(session: Session, share) -> int:
             share(text)
             session.reset()
             print("(chat reset)", file=sys.stderr)
+            if keep:
+                _save(session, keep)
+            continue
+        command, _, path = text.partition(" ")
+        if command in ("/save", "/load"):
+            if not path.strip():
+                print(f"{command} needs a file name", file=sys.stderr)
+            elif command == "/save":
+                _save(session, path.strip(), say=True)
+            else:
+                _load(session, path.strip(), share)
             continue
         if text.startswith("/"):
-            print(f"unknown command {text.split()[0]}: /reset or /exit", file=sys.stderr)
+            print(f"unknown command {command}: /reset, /save FILE, /load FILE or /exit", file=sys.stderr)
             continue
         try:
             share(text)
@@ -389,7 +480,38 @@ def _chat_loop(session: Session, share) -> int:
             session.messages.pop()
             continue
         print(flush=True)
+        if keep:
+            _save(session, keep)
     return 0
+
+
+def _save(session: Session, path: str, say: bool = False) -> None:
+    try:
+        saved = session.save(path)
+    except OSError as error:
+        print(f"(could not save the chat to {path}: {error.strerror or error})", file=sys.stderr)
+        return
+    if say:
+        print(f"(chat saved to {path}, with {saved} tokens of cache)", file=sys.stderr)
+
+
+def _load(session: Session, path: str, share) -> None:
+    try:
+        loaded = session.load(path)
+    except FileNotFoundError:
+        print(f"(no saved chat at {path})", file=sys.stderr)
+        return
+    except (OSError, ValueError) as error:
+        print(f"(could not load {path}: {error})", file=sys.stderr)
+        return
+    if _distributed():
+        share(loaded.messages)
+    turns = sum(m["role"] == "user" for m in loaded.messages)
+    if loaded.refused:
+        how = f"its cache is not used: {loaded.refused}; the chat will be computed anew"
+    else:
+        how = f"{loaded.restored_tokens} tokens of cache restored"
+    print(f"(loaded a chat of {turns} turns from {path}; {how})", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -484,14 +606,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (
         _distributed()
     ):  # rank 0 serves HTTP and runs the engine; the others run its model calls on their share
+        from .generation.prefix_cache import PrefixCache
         from .serving.model_side import BroadcastingSide, ModelSide, follow
 
+        # every rank keeps its share of the heads in a prefix cache of its own, in step with rank 0's
+        cache = PrefixCache(args.cache_ram << 20) if args.cache_ram else None
         if _rank() != 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 shuts down and then tells us
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            follow(ModelSide(model))
+            follow(ModelSide(model, cache))
             return 0
-        side = BroadcastingSide(model)
+        side = BroadcastingSide(model, cache)
     name = args.served_model_name or _model_name(args.model)
     app = create_app(
         model,
@@ -502,6 +627,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         engine_thread=False,
         side=side,
+        cache_ram=args.cache_ram << 20,
     )
     engine = app.state.server.engine
     # On SIGTERM or Ctrl-C, in-flight requests get 30 s to finish, then they are cancelled. HTTP runs on a thread

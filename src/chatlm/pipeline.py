@@ -10,6 +10,7 @@ import torch
 from .auto import AutoModelForCausalLM
 from .chat_turn import ChatTurn
 from .generation.config import GenerationConfig
+from .generation.prefix_cache import PrefixCache
 from .models.base import CausalLM
 
 TASKS = ("text-generation",)
@@ -41,9 +42,25 @@ class TextGenerationPipeline:
         tokenizer,
         batch_size: int = 8,
         assistant_model: CausalLM | None = None,
+        prefix_cache: PrefixCache | bool = True,
         **generate_kwargs,
     ):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        # Keys and values of earlier calls, found again by token prefix: a chat continued by appending a message
+        # and calling again computes only the new tokens (`chatlm.generation.prefix_cache`).
+        if prefix_cache is True:
+            prefix_cache = PrefixCache()
+        if (
+            prefix_cache is not False
+            and prefix_cache is not None
+            and not isinstance(prefix_cache, PrefixCache)
+        ):
+            raise TypeError(
+                f"prefix_cache must be True, False or a PrefixCache, not {type(prefix_cache).__name__}"
+            )
+        self.prefix_cache: PrefixCache | None = (
+            prefix_cache if isinstance(prefix_cache, PrefixCache) else None
+        )
         self.assistant_model = (
             assistant_model  # a draft for speculative decoding (see chatlm.generation.speculative)
         )
@@ -99,14 +116,22 @@ class TextGenerationPipeline:
             continues.append(cont)
             turns.append(turn)
         ids, mask = _left_pad(prompts, _pad_id(tok, config))
+        n = config.num_return_sequences
+        # One sequence at a time reuses and feeds the prefix cache; a batch of prompts decodes together.
+        reuse = self.prefix_cache if len(prompts) == 1 and n == 1 and prompts[0] else None
+        cache = reuse.fetch(self.model, prompts[0], limit=len(prompts[0]) - 1) if reuse is not None else None
         output = self.model.generate(
             ids.to(self.model.device),
             attention_mask=mask.to(self.model.device),
             generation_config=config,
             tokenizer=tok,
             assistant_model=options.get("assistant_model", self.assistant_model),
+            past_key_values=cache,
         )
-        n = config.num_return_sequences
+        if config.return_dict_in_generate:
+            output = output.sequences
+        if reuse is not None:
+            reuse.insert_cache(cache)
         skip = options.get("skip_special_tokens", True)
         full = options.get("return_full_text", True)
         results = []
@@ -214,7 +239,9 @@ def pipeline(
 ) -> TextGenerationPipeline:
     """``pipeline("text-generation", MODEL, torch_dtype=..., device_map=...)``; MODEL is a path, a Hub id, a loaded
     model, or None for the bundled model. ``assistant_model`` (a loaded model or a reference, loaded as MODEL is)
-    drafts for speculative decoding. Remaining keywords are generation defaults (``max_new_tokens``,
+    drafts for speculative decoding. ``prefix_cache``: True (a `PrefixCache` of 1 GiB, the default), False, or
+    a `PrefixCache` of your own budget; a chat continued by appending a message and calling again then computes
+    only the new tokens. Remaining keywords are generation defaults (``max_new_tokens``,
     ``prompt_lookup_num_tokens``...)."""
     from .tokenizer import AutoTokenizer
 
@@ -233,6 +260,7 @@ def pipeline(
                 raise ValueError(f"{key} is given both directly and in model_kwargs")
             load_kwargs[key] = value
     batch_size = kwargs.pop("batch_size", 8)
+    prefix_cache = kwargs.pop("prefix_cache", True)
     assistant = kwargs.pop("assistant_model", None)
     if assistant is not None and not isinstance(
         assistant, CausalLM
@@ -258,7 +286,12 @@ def pipeline(
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     return TextGenerationPipeline(
-        model, tokenizer, batch_size=batch_size, assistant_model=assistant, **kwargs
+        model,
+        tokenizer,
+        batch_size=batch_size,
+        assistant_model=assistant,
+        prefix_cache=prefix_cache,
+        **kwargs,
     )
 
 

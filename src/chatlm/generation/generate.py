@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..detokenize import StreamingDetokenizer
+from ..models.cache import DynamicCache, KVCache
 from .config import GenerationConfig
 from .decoding import Decoder, Row
 from .ragged_cache import RaggedCache
@@ -45,6 +46,7 @@ class GenerateOutput:
     scores: tuple[torch.Tensor, ...] | None = None  # processed scores per step (output_scores)
     logits: tuple[torch.Tensor, ...] | None = None  # raw logits per step (output_logits)
     speculation: SpeculationStats | None = None  # guesses proposed / accepted, when decoding speculatively
+    past_key_values: KVCache | None = None  # the cache passed in, now holding the sequence but its last token
 
     def __getitem__(self, key):
         return getattr(self, key) if isinstance(key, str) else (self.sequences, self.scores)[key]
@@ -94,11 +96,13 @@ def generate_steps(
     stats: SpeculationStats | None = None,
     governor: Governor | None = None,
     keep_scores: bool = True,
+    cache: RaggedCache | None = None,
 ) -> Iterator[Step]:
     """Decode a batch (left padding allowed) until every row is done (an end-of-sequence token, a stop string, or
     ``max_new_tokens``), one `Step` per column; finished rows get the pad token. With a ``proposer`` (and
     ``stats``, ``governor``), each step checks its guesses (`chatlm.generation.speculative`); a row that got
-    ahead of the others holds its tokens back until every unfinished row has one for that column."""
+    ahead of the others holds its tokens back until every unfinished row has one for that column. ``cache``: one
+    that holds the first ``cache.offset`` columns of the prompt already (`reuse_cache`)."""
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -110,11 +114,13 @@ def generate_steps(
             "stop_strings needs the tokenizer: call generate(..., stop_strings=..., tokenizer=tok)"
         )
 
-    cache = RaggedCache(model, batch, prompt_length + max_new_tokens + 16)
+    if cache is None:
+        cache = RaggedCache(model, batch, prompt_length + max_new_tokens + 16)
     # Speculation feeds the prompt's last token with the first round's guesses; plain decoding takes the first
     # token from the prompt's logits.
     cached = prompt_length - 1 if proposer is not None else prompt_length
-    logits = _prefill(model, cache, input_ids[:, :cached], attention_mask[:, :cached].bool())
+    start = cache.offset
+    logits = _prefill(model, cache, input_ids[:, start:cached], attention_mask[:, start:cached].bool())
     decoder = Decoder(
         cache, proposer, governor or (Governor() if proposer else None), stats, keep_scores=keep_scores
     )
@@ -153,6 +159,8 @@ def _prefill(model, cache: RaggedCache, ids: torch.Tensor, real: torch.Tensor) -
     Longrope models take the prompt in one call, since the rope factors they rotate with depend on the positions
     of the call."""
     length = ids.shape[1]
+    if not length:
+        return None
     longrope = getattr(model, "_longrope_context", None) is not None
     chunk = length if longrope else PREFILL_CHUNK
     logits = None
@@ -160,6 +168,42 @@ def _prefill(model, cache: RaggedCache, ids: torch.Tensor, real: torch.Tensor) -
         stop = min(length, start + chunk)
         logits = cache.forward(ids[:, start:stop], real[:, start:stop], logits_to_keep=1)[:, -1]
     return logits
+
+
+def reuse_cache(
+    model, past_key_values, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int
+) -> RaggedCache:
+    """A `RaggedCache` over the caller's cache, keeping only the slots that hold the prompt's own first tokens
+    (as transformers' prompt-reuse pattern expects; a cache that diverges from the prompt is cut back to where it
+    agrees, never used beyond), and at most all but the last prompt token, whose logits are needed."""
+    if not isinstance(past_key_values, KVCache):
+        raise TypeError(
+            f"past_key_values must be a chatlm KVCache or DynamicCache, not {type(past_key_values).__name__}"
+        )
+    cache, batch = past_key_values, input_ids.shape[0]
+    if isinstance(cache, DynamicCache) and not cache.allocated:
+        cache.allocate(model, batch, capacity)
+    if cache.batch_size != batch or (batch > 1 and cache.offset > 0):
+        raise ValueError(
+            f"past_key_values is reused for one sequence at a time; got a cache of {cache.batch_size} rows "
+            f"for {batch} rows of input_ids"
+        )
+    if len(cache.keys) != model.config.num_hidden_layers or cache.dtype != model.dtype:
+        raise ValueError(
+            f"past_key_values was made for another model: {len(cache.keys)} layers of {cache.dtype}, this model "
+            f"has {model.config.num_hidden_layers} of {model.dtype}"
+        )
+    prompt = input_ids[0].tolist()
+    reuse = 0
+    if batch > 1:  # an empty cache to fill
+        return RaggedCache(model, batch, capacity, cache=cache)
+    longrope = getattr(model, "_longrope_context", None)
+    if bool(attention_mask.all()) and (longrope is None or len(prompt) <= longrope):
+        cached = cache.tokens()[: len(prompt) - 1]
+        while reuse < len(cached) and cached[reuse] == prompt[reuse]:
+            reuse += 1
+    cache.crop(reuse)
+    return RaggedCache(model, batch, capacity, cache=cache)
 
 
 def _stop_text(tokenizer, stops: tuple[str, ...]):
@@ -187,6 +231,7 @@ def generate(
     tokenizer=None,
     generator: torch.Generator | None = None,
     assistant_model=None,
+    past_key_values: KVCache | None = None,
     **kwargs,
 ) -> torch.Tensor | GenerateOutput:
     """transformers' ``generate``: returns (B, prompt + new) token ids; finished rows are padded with the pad token.
@@ -196,6 +241,10 @@ def generate(
     or as ``generation_config``; any other keyword is a TypeError. ``assistant_model`` (a smaller model with the
     same tokenizer) or ``prompt_lookup_num_tokens=N`` decode speculatively (`chatlm.generation.speculative`), with
     the same greedy output; ``model.last_speculation`` then holds the guesses proposed and accepted.
+
+    ``past_key_values``: a `KVCache` (or an empty ``DynamicCache()``) from an earlier forward call or generate
+    whose tokens begin the prompt: only the rest of the prompt is computed (transformers' prompt reuse). The cache
+    is extended in place to hold the whole sequence but its last token; copy it first to reuse it again.
     """
     config = (generation_config or model.generation_config).update(**kwargs)
     config.validate()
@@ -252,6 +301,10 @@ def generate(
     keep_scores = config.output_scores or config.output_logits
     out, scores, logits = [input_ids], [], []
     with torch.inference_mode():
+        cache = None
+        if past_key_values is not None:
+            capacity = prompt_length + max_new + 16
+            cache = reuse_cache(model, past_key_values, input_ids, attention_mask, capacity)
         steps = generate_steps(
             model,
             input_ids,
@@ -263,6 +316,7 @@ def generate(
             proposer,
             stats,
             keep_scores=keep_scores,
+            cache=cache,
         )
         for step in steps:
             out.append(step.tokens[:, None])
@@ -281,5 +335,6 @@ def generate(
             tuple(scores) if config.output_scores else None,
             tuple(logits) if config.output_logits else None,
             stats,
+            past_key_values,
         )
     return sequences

@@ -15,12 +15,19 @@ COMPACT_MIN_SLOTS = 32  # do not bother compacting away fewer slots than this
 
 
 class RaggedCache:
-    def __init__(self, model, batch_size: int, capacity: int):
+    """``cache``: a filled `KVCache` to go on from (its first ``cache.offset`` slots, ``real`` (B, offset) marking
+    the ones that hold a row's tokens; all of them by default), or None for an empty one."""
+
+    def __init__(self, model, batch_size: int, capacity: int, cache=None, real: torch.Tensor | None = None):
         self.model = model
-        self.cache = model.new_cache(batch_size, capacity)
-        device = self.cache.keys[0].device
-        self.slots = torch.zeros(batch_size, max(capacity, 1), dtype=torch.bool, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens cached per row
+        if cache is None:
+            cache = model.new_cache(batch_size, capacity)
+        cache.reserve(capacity)
+        self.cache = cache
+        device = cache.keys[0].device
+        self.slots = torch.zeros(batch_size, max(cache.capacity, 1), dtype=torch.bool, device=device)
+        self.slots[:, : cache.offset] = True if real is None else real.to(device=device, dtype=torch.bool)
+        self.lengths = self.slots.sum(-1)  # real tokens cached per row
 
     @property
     def offset(self) -> int:
@@ -85,6 +92,7 @@ class RaggedCache:
                 b, heads, _, dim = layer.shape
                 moved = layer[:, :, :end].gather(2, index[:, None, :, None].expand(b, heads, width, dim))
                 layer[:, :, :width] = moved
+        self.cache.ids[:, :width] = self.cache.ids[:, :end].gather(1, index)
         self.cache.trim(end - width)
 
     @property
@@ -97,13 +105,15 @@ class RaggedCache:
         for store in (cache.keys, cache.values):
             for i, layer in enumerate(store):
                 store[i] = torch.cat([layer, layer.new_zeros(count, *layer.shape[1:])])
+        cache.ids = torch.cat([cache.ids, cache.ids.new_zeros(count, cache.ids.shape[1])])
         self.slots = torch.cat([self.slots, self.slots.new_zeros(count, self.slots.shape[1])])
         self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(count)])
 
-    def place(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def place(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor], ids: list[int]) -> None:
         """Put a sequence prefilled elsewhere (per layer, keys and values (kv_heads, L, head_dim) at positions
-        0..L-1) into an empty row, in the L slots before the offset (the offset moves up if L is longer)."""
-        length, offset = keys[0].shape[1], self.cache.offset
+        0..L-1, and its L token ids) into an empty row, in the L slots before the offset (the offset moves up if
+        L is longer)."""
+        length, offset = len(ids), self.cache.offset
         if length > offset:  # the other rows get masked slots up to the new offset
             self.cache.reserve(length)
             self._reserve(length)
@@ -112,9 +122,27 @@ class RaggedCache:
         for store, new in ((self.cache.keys, keys), (self.cache.values, values)):
             for layer, entries in zip(store, new):
                 layer[row, :, offset - length : offset] = entries
+        self.cache.ids[row, offset - length : offset] = torch.tensor(ids, dtype=torch.long)
         self.slots[row, :offset] = False
         self.slots[row, offset - length : offset] = True
         self.lengths[row] = length
+
+    def tokens(self, row: int) -> list[int]:
+        """Row ``row``'s cached token ids, in order."""
+        return self.cache.ids[row, : self.cache.offset][self.slots[row, : self.cache.offset]].tolist()
+
+    def entries(self, row: int, start: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """Row ``row``'s cached tokens from its ``start``-th on: per layer keys and values (kv_heads, n,
+        head_dim), and the n token ids (what a prefix cache stores, or another cache's `place` takes)."""
+        index = self.slots[row, : self.cache.offset].nonzero()[:, 0][start:]
+        if bool((index[1:] - index[:-1] == 1).all()) and index.numel():  # one run of slots: views, no gather
+            first, last = int(index[0]), int(index[-1]) + 1
+            keys = [k[row, :, first:last] for k in self.cache.keys]
+            values = [v[row, :, first:last] for v in self.cache.values]
+        else:
+            keys = [k[row].index_select(1, index) for k in self.cache.keys]
+            values = [v[row].index_select(1, index) for v in self.cache.values]
+        return keys, values, self.cache.ids[row, index].tolist()
 
     def _reserve(self, length: int) -> None:
         if length > self.slots.shape[1]:

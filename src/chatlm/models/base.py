@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..generation.config import GenerationConfig
-from .cache import KVCache
+from .cache import DynamicCache, KVCache
 from .config import ModelConfig
 from .layers import (
     attention_masks,
@@ -95,9 +95,14 @@ class CausalLM(nn.Module):
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache(batch, length)
+        if isinstance(cache, DynamicCache) and not cache.allocated:
+            cache.allocate(self, batch, length)
         offset = cache.offset if cache is not None else 0
         if cache is not None:
+            if cache.batch_size != batch:
+                raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {batch}")
             cache.reserve(offset + length)
+            cache.record(input_ids)
         padding = None
         if attention_mask is not None:
             if attention_mask.shape != (batch, offset + length):

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..chat_turn import ChatTurn, UnsupportedToolChoice
+from ..generation.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from . import engine as engine_module
 from .engine import Delta, Engine, EngineStopped, QueueFull, SamplingParams
 from .json_mode import JsonConstraint
@@ -164,8 +165,14 @@ class Server:
         ]
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage record; ``cached``: prompt tokens reused from the prefix cache."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def sse(data: Any) -> str:
@@ -276,7 +283,7 @@ async def chat_completions(server: Server, http: Request) -> Any:
         "created": created,
         "model": server.name,
         "choices": choices,
-        "usage": usage(len(prompt), sum(counts)),
+        "usage": usage(len(prompt), sum(counts), job.request.cached_tokens),
     }
 
 
@@ -360,7 +367,7 @@ async def _chat_stream(
                 reason = "tool_calls"
             yield chunk([choice(i, {}, None, reason)])
     if req.include_usage:
-        yield chunk([], usage=usage(prompt_tokens, generated))
+        yield chunk([], usage=usage(prompt_tokens, generated, job.request.cached_tokens))
     yield "data: [DONE]\n\n"
 
 
@@ -438,8 +445,12 @@ async def completions(server: Server, http: Request) -> Any:
         "created": created,
         "model": server.name,
         "choices": choices,
-        "usage": usage(sum(len(p) for p in prompts) * req.n, generated),
+        "usage": usage(sum(len(p) for p in prompts) * req.n, generated, _cached(jobs) * req.n),
     }
+
+
+def _cached(jobs: list[Job]) -> int:
+    return sum(job.request.cached_tokens for job in jobs)
 
 
 def _legacy_logprobs(server: Server, logprobs) -> dict[str, Any]:
@@ -487,7 +498,7 @@ async def _completion_stream(
             if job.open:
                 server.engine.cancel(job.request)
     if req.include_usage:
-        yield chunk([], usage=usage(sum(len(p) for p in prompts) * req.n, generated))
+        yield chunk([], usage=usage(sum(len(p) for p in prompts) * req.n, generated, _cached(jobs) * req.n))
     yield "data: [DONE]\n\n"
 
 
@@ -504,12 +515,21 @@ def create_app(
     max_body: int = MAX_BODY_BYTES,
     engine_thread: bool = True,
     side=None,
+    cache_ram: int = DEFAULT_MAX_BYTES,
 ) -> FastAPI:
     """The OpenAI-compatible app around one model. Its engine's thread starts here (``engine_thread=False``:
     the caller runs ``app.state.server.engine.run()`` itself) and stops with the app's lifespan. ``side``: how
-    the engine reaches the model (`model_side`; tensor parallelism passes rank 0's broadcasting one)."""
+    the engine reaches the model (`model_side`; tensor parallelism passes rank 0's broadcasting one, with its
+    own prefix cache). ``cache_ram``: bytes of keys and values kept for prompts that start as earlier ones did
+    (0: off)."""
     engine = Engine(
-        model, tokenizer, max_batch=max_batch, max_queue=max_queue, start=engine_thread, side=side
+        model,
+        tokenizer,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        start=engine_thread,
+        side=side,
+        prefix_cache=PrefixCache(cache_ram) if cache_ram else None,
     )
     server = Server(model, tokenizer, model_name, api_key, engine, max_body)
 

@@ -1,11 +1,17 @@
 """The engine worker: one thread owns the model and the batch's KV cache, and runs continuous batching.
 
-Requests wait in a bounded queue. Each loop turn the worker (1) prefills one chunk of the oldest waiting
-request's prompt, in a cache of its own, when the batch has rows free for its choices, and (2) steps every
-running sequence by one token in one forward pass, on the one decode loop (`generation.decoding.Decoder`: each
-sequence chooses with its own `RowSampler` and ends by the one finish rule). A request whose prompt is done joins the batch at the next turn
-(its keys and values move into free rows of a `RaggedCache`); a finished or cancelled sequence leaves it at once.
-A long prompt is taken a chunk per turn, so the running sequences keep decoding meanwhile.
+Requests wait in a bounded queue. Each loop turn the worker (1) prefills the waiting prompts that fit a token
+budget together (or one chunk of a longer one), in a staged cache, when the batch has rows free for their
+choices, and (2) steps every running sequence by one token in one forward pass, on the one decode loop
+(`generation.decoding.Decoder`: each sequence chooses with its own `RowSampler` and ends by the one finish rule).
+A request whose prompt is done joins the batch at the next turn (its keys and values move into free rows of a
+`RaggedCache`); a finished or cancelled sequence leaves it at once. A long prompt is taken a chunk per turn, so the
+running sequences keep decoding meanwhile.
+
+Prompts start from the longest prefix the prefix cache holds (`generation.prefix_cache`): it keeps every prompt
+once prefilled and every finished reply, so an agent's next call or a chat's next turn computes only its new
+tokens. Two waiting prompts that share more than the cache holds are not prefilled together: the second waits a
+turn and then reuses the first's keys and values (clients with the same system prompt compute it once).
 
 Handlers talk to the worker through `Request`: it carries the prompt and `SamplingParams` in, and hands each
 `Delta` (text, token ids, log-probabilities, and at the end the finish reason) to the request's ``sink`` callback,
@@ -25,9 +31,12 @@ import torch
 
 from ..detokenize import StreamingDetokenizer
 from ..generation.decoding import Decoder, Row, Settled
+from ..generation.prefix_cache import PrefixCache
 from ..generation.sampling import RowSampler, SamplingParams, TokenLogprob
 from .metrics import Metrics
 from .model_side import ModelSide
+
+SHARED_MIN = 32  # tokens two waiting prompts must share beyond the prefix cache for one to wait for the other
 
 __all__ = ["Delta", "Engine", "EngineStopped", "QueueFull", "Request", "SamplingParams", "TokenLogprob"]
 
@@ -60,6 +69,7 @@ class Request:
     n: int = 1
     skip_special_tokens: bool = True  # False: the text keeps markers such as <tool_call> for the reply parser
     cancelled: bool = False
+    cached_tokens: int = 0  # prompt tokens the prefix cache held (set before the first delta)
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -84,10 +94,13 @@ class Engine:
         busy_prefill_chunk: int = 256,
         start: bool = True,
         side: ModelSide | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         """``start=False``: the caller runs the loop itself with `run` (``chatlm serve`` does, on the main thread:
         there OpenMP's workers spin between the many small parallel regions of a decoding step; a second thread
-        with a team of its own makes libgomp throttle that spinning, and a step takes up to twice as long)."""
+        with a team of its own makes libgomp throttle that spinning, and a step takes up to twice as long).
+        ``prefix_cache``: keys and values of earlier prompts and replies, reused by prompts that start the same
+        way (None: every prompt is computed whole); ``side`` brings its own."""
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.busy_prefill_chunk = prefill_chunk, busy_prefill_chunk
@@ -96,8 +109,10 @@ class Engine:
         self.metrics = Metrics()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Sequence] = {}  # by row
-        self.prefill: tuple[Request, int] | None = None  # a long prompt being prefilled, and tokens done
-        self.side = side or ModelSide(model)  # the model and its caches (`model_side`)
+        # the prompts being prefilled together, and the tokens of each that are in the staged cache
+        self.prefill: tuple[list[Request], list[int]] | None = None
+        self.side = side or ModelSide(model, prefix_cache)  # the model and its caches (`model_side`)
+        self.metrics.prefix_cache = self.side.prefix_cache
         self.decoder = Decoder(self.side)  # the running sequences, a row each
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -169,9 +184,10 @@ class Engine:
                 self.waiting.remove(request)
                 self._finish_all(request)
             self.metrics.waiting = len(self.waiting)
-        if self.prefill is not None and self.prefill[0].cancelled:
-            self._finish_all(self.prefill[0])
-            self.prefill = None
+        if self.prefill is not None and all(r.cancelled for r in self.prefill[0]):
+            for request in self.prefill[0]:
+                self._finish_all(request)
+            self.prefill = None  # (one cancelled among others finishes when the group's prefill does)
         gone = [row for row, seq in self.running.items() if seq.request.cancelled]
         for row in gone:
             seq = self.running.pop(row)
@@ -184,40 +200,55 @@ class Engine:
 
     def _prefill_step(self) -> None:
         """Prefill for one loop turn, within a token budget (smaller while others decode, so that their steps are
-        not held up long): the waiting prompts that fit it together, in one batch; or one chunk of a prompt longer
-        than the budget."""
+        not held up long): the waiting prompts whose uncached tokens fit it together, in one batch; or one chunk
+        of a prompt longer than the budget."""
         budget = self.busy_prefill_chunk if self.running else self.prefill_chunk
         if self.prefill is None:
-            group: list[Request] = []
-            with self.lock:
-                free, tokens = self.max_batch - len(self.running), 0
-                while self.waiting and self.waiting[0].n <= free:
-                    head = self.waiting[0]
-                    if group and tokens + len(head.prompt) > budget:
-                        break
-                    group.append(self.waiting.popleft())
-                    free, tokens = free - head.n, tokens + len(head.prompt)
-                    if tokens > budget:  # a long prompt: alone, a chunk per turn
-                        break
-                self.metrics.waiting = len(self.waiting)
+            group = self._take_group(budget)
             if not group:
                 return
-            if len(group) > 1 or tokens <= budget:
-                logits = self.side.prefill_together([r.prompt for r in group])
-                for j, request in enumerate(group):
-                    self.metrics.prompt_tokens += len(request.prompt)
-                    self._start(request, j, logits[j])
-                return
-            self.prefill = (group[0], 0)
-        request, done = self.prefill
-        logits = self.side.prefill(request.prompt[done : done + budget], done, len(request.prompt))[0]
-        done += len(request.prompt[done : done + budget])
-        if done < len(request.prompt):
-            self.prefill = (request, done)
-            return
+            self.prefill = (group, self.side.stage([r.prompt for r in group]))
+            for request, reused in zip(group, self.prefill[1]):
+                request.cached_tokens = reused
+                self.metrics.cached_tokens += reused
+        group, done = self.prefill
+        chunks = [r.prompt[d : d + budget] for r, d in zip(group, done)]
+        logits = self.side.feed(chunks)
+        for j, chunk in enumerate(chunks):
+            done[j] += len(chunk)
+            self.metrics.computed_tokens += len(chunk)
+        if any(d < len(r.prompt) for r, d in zip(group, done)):
+            return  # a long prompt: its next chunk in the next turn
         self.prefill = None
-        self.metrics.prompt_tokens += len(request.prompt)
-        self._start(request, 0, logits)
+        for j, request in enumerate(group):
+            self.metrics.prompt_tokens += len(request.prompt)
+            if request.cancelled:
+                self._finish_all(request)
+            else:
+                self._start(request, j, logits[j])
+
+    def _take_group(self, budget: int) -> list[Request]:
+        """The waiting requests to prefill together, oldest first: as many as fit the free rows and, by their
+        uncached tokens, the budget; a prompt longer than the budget goes alone. A prompt that shares more with
+        one in the group than the prefix cache holds waits, to reuse that one's keys and values next turn."""
+        group: list[Request] = []
+        with self.lock:
+            free, tokens = self.max_batch - len(self.running), 0
+            while self.waiting and self.waiting[0].n <= free:
+                head = self.waiting[0]
+                cached = self.side.cached(head.prompt)
+                new = len(head.prompt) - cached
+                if group and (
+                    tokens + new > budget
+                    or any(_common(head.prompt, r.prompt) >= cached + SHARED_MIN for r in group)
+                ):
+                    break
+                group.append(self.waiting.popleft())
+                free, tokens = free - head.n, tokens + new
+                if tokens > budget:
+                    break
+            self.metrics.waiting = len(self.waiting)
+        return group
 
     def _start(self, request: Request, staged: int, logits: torch.Tensor) -> None:
         """The prompt is prefilled (staged prompt ``staged``): its choices take free rows, each with its first
@@ -225,7 +256,7 @@ class Engine:
         free = [row for row in range(self.side.rows) if row not in self.running]
         free += list(range(self.side.rows, self.side.rows + max(0, request.n - len(free))))
         rows = free[: request.n]
-        self.side.place(staged, len(request.prompt), rows)
+        self.side.place(staged, rows)
         self.metrics.first_token(time.monotonic() - request.arrived)
         finished = []
         for index, row in enumerate(rows):
@@ -268,9 +299,13 @@ class Engine:
         return settled[-1].finish_reason is not None
 
     def _free_rows(self, rows: list[int]) -> None:
+        """Rows whose sequences ended: a finished one's prompt and reply go to the prefix cache first."""
         if not rows:
             return
         for row in rows:
+            seq = self.running.get(row)
+            if seq is not None and not seq.request.cancelled:
+                self.side.remember(row)
             self.running.pop(row, None)
             self.decoder.drop(row)
         self.side.free(rows)
@@ -283,10 +318,21 @@ class Engine:
         for request in waiting:
             self._finish_all(request)
         if self.prefill is not None:
-            self._finish_all(self.prefill[0])
+            for request in self.prefill[0]:
+                self._finish_all(request)
             self.prefill = None
         for seq in self.running.values():
             seq.request.sink(Delta(seq.index, "", [], None, "cancelled"))
         for row in list(self.running):
             self.decoder.drop(row)
         self.running.clear()
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -13,6 +13,9 @@ class Metrics:
         self.requests = 0  # accepted by the engine
         self.rejected: dict[int, int] = {}  # HTTP errors by status
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the prefix cache held
+        self.computed_tokens = 0  # prompt tokens prefilled (the rest)
+        self.prefix_cache = None  # the engine's `PrefixCache`, or None when off
         self.generated_tokens = 0
         self.running = 0  # sequences in the batch
         self.waiting = 0  # requests queued
@@ -57,7 +60,37 @@ class Metrics:
                 "Requests refused with an HTTP error, by status.",
                 [(f'{{status="{s}"}}', n) for s, n in sorted(self.rejected.items())],
             )
-            metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
+            metric("prompt_tokens_total", "counter", "Prompt tokens of requests.", [("", self.prompt_tokens)])
+            metric(
+                "prompt_tokens_cached_total",
+                "counter",
+                "Prompt tokens reused from the prefix cache.",
+                [("", self.cached_tokens)],
+            )
+            metric(
+                "prompt_tokens_computed_total",
+                "counter",
+                "Prompt tokens prefilled (not found in the prefix cache).",
+                [("", self.computed_tokens)],
+            )
+            cache = self.prefix_cache
+            if cache is not None:
+                stats = cache.stats
+                metric("prefix_cache_lookups_total", "counter", "Prompts looked up.", [("", stats.lookups)])
+                metric(
+                    "prefix_cache_hits_total", "counter", "Prompts that reused a prefix.", [("", stats.hits)]
+                )
+                metric(
+                    "prefix_cache_evicted_tokens_total",
+                    "counter",
+                    "Tokens evicted to stay within the budget.",
+                    [("", stats.evicted_tokens)],
+                )
+                metric("prefix_cache_tokens", "gauge", "Tokens stored.", [("", cache.tokens)])
+                metric(
+                    "prefix_cache_bytes", "gauge", "Bytes of keys and values stored.", [("", cache.nbytes)]
+                )
+                metric("prefix_cache_max_bytes", "gauge", "The budget.", [("", cache.max_bytes)])
             metric("generation_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
             buckets = [(f'_bucket{{le="{b}"}}', n) for b, n in zip(TTFT_BUCKETS, self.ttft_counts)]
             buckets += [

@@ -10,55 +10,81 @@ from __future__ import annotations
 
 import torch
 
+from ..generation.prefix_cache import PrefixCache
 from ..generation.ragged_cache import RaggedCache
 
 
 class ModelSide:
-    def __init__(self, model):
+    """The model, the running sequences' cache (a row each), the cache prompts are prefilled in (staged), and the
+    prefix cache that prompts starting as earlier ones reuse (None: off)."""
+
+    def __init__(self, model, prefix_cache: PrefixCache | None = None):
         self.model = model
         self.device = model.device
+        self.prefix_cache = prefix_cache
         self.batch: RaggedCache | None = None  # the running sequences' cache, a row each
-        self.staged = None  # the cache the latest prompts were prefilled into
+        self.staged: RaggedCache | None = None  # the prompts being prefilled, a row each
 
     @property
     def rows(self) -> int:
         return self.batch.rows if self.batch is not None else 0
 
-    def prefill(self, tokens: list[int], start: int, total: int) -> torch.Tensor:
-        """The chunk at ``start`` of a prompt of ``total`` tokens (the first starts a staged cache): last logits."""
-        if start == 0:
-            self.staged = self.model.new_cache(1, total)
-        ids = torch.tensor([tokens], device=self.device)
-        return self.model(ids, past_key_values=self.staged, logits_to_keep=1).logits[:, -1]
+    def cached(self, prompt: list[int]) -> int:
+        """How many of the prompt's tokens `stage` would reuse now."""
+        if self.prefix_cache is None:
+            return 0
+        return min(self.prefix_cache.match(prompt), len(prompt) - 1)
 
-    def prefill_together(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Short prompts in one forward pass, left-padded: (len(prompts), vocab) last logits."""
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+    def stage(self, prompts: list[list[int]], reuse: list[int] | None = None) -> list[int]:
+        """Start prefilling ``prompts``, each in a row of a new staged cache, with the longest prefix the prefix
+        cache holds (at most ``reuse[j]`` tokens if given; never the last token, whose logits are needed):
+        how many tokens of each were reused."""
+        self.staged = RaggedCache(self.model, len(prompts), max(len(p) for p in prompts))
+        found = []
         for j, prompt in enumerate(prompts):
-            ids[j, width - len(prompt) :] = torch.tensor(prompt)
-            mask[j, width - len(prompt) :] = 1
-        self.staged = self.model.new_cache(len(prompts), width)
-        return self.model(
-            ids,
-            attention_mask=mask if len(prompts) > 1 else None,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=self.staged,
-            logits_to_keep=1,
-        ).logits[:, -1]
+            limit = len(prompt) - 1 if reuse is None else reuse[j]
+            length, keys, values = (0, None, None)
+            if self.prefix_cache is not None and limit > 0:
+                length, keys, values = self.prefix_cache.read(prompt, limit)
+            if length:
+                self.staged.place(j, keys, values, prompt[:length])
+            found.append(length)
+        return found
 
-    def place(self, j: int, length: int, rows: list[int]) -> None:
-        """Staged prompt ``j`` (its last ``length`` slots) into batch rows ``rows`` (more rows made as needed)."""
+    def feed(self, tokens: list[list[int]]) -> torch.Tensor:
+        """The next tokens of each staged prompt (an empty list for a row with none this time), right-aligned in
+        one forward pass: the logits after each row's last token, (rows, vocab)."""
+        width = max(len(t) for t in tokens)
+        ids = torch.zeros(len(tokens), width, dtype=torch.long)
+        real = torch.zeros(len(tokens), width, dtype=torch.bool)
+        for j, chunk in enumerate(tokens):
+            if chunk:
+                ids[j, width - len(chunk) :] = torch.tensor(chunk)
+                real[j, width - len(chunk) :] = True
+        return self.staged.forward(ids.to(self.device), real.to(self.device), logits_to_keep=1)[:, -1]
+
+    def place(self, j: int, rows: list[int]) -> None:
+        """Staged prompt ``j`` into batch rows ``rows`` (more rows made as needed); the prefix cache keeps it."""
+        keys, values, ids = self.staged.entries(j)
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(ids, keys, values)
         if self.batch is None:
-            self.batch = RaggedCache(self.model, 0, length + 64)
+            self.batch = RaggedCache(self.model, 0, len(ids) + 64)
         if max(rows) >= self.batch.rows:
             self.batch.add_rows(max(rows) + 1 - self.batch.rows)
-        end = self.staged.offset
-        keys = [k[j, :, end - length : end] for k in self.staged.keys]
-        values = [v[j, :, end - length : end] for v in self.staged.values]
         for row in rows:
-            self.batch.place(row, keys, values)
+            self.batch.place(row, keys, values, ids)
+
+    def remember(self, row: int) -> None:
+        """The prefix cache keeps what batch row ``row`` holds (its prompt and reply so far): the next turn of
+        a chat starts with them."""
+        if self.prefix_cache is None or self.batch is None:
+            return
+        ids = self.batch.tokens(row)
+        known = self.prefix_cache.match(ids)
+        if known < len(ids):
+            keys, values, _ = self.batch.entries(row, known)
+            self.prefix_cache.insert(ids, keys, values, first=known)
 
     # What the decode loop (`generation.decoding.Decoder`) asks of its cache.
     @property
@@ -94,17 +120,22 @@ class BroadcastingSide(ModelSide):
 
         dist.broadcast_object_list([(name, args)], src=0)
 
-    def prefill(self, tokens, start, total):
-        self._send("prefill", tokens, start, total)
-        return super().prefill(tokens, start, total)
+    def stage(self, prompts, reuse=None):
+        found = super().stage(prompts, reuse)
+        self._send("stage", prompts, found)  # the followers reuse what rank 0 found, not their own lookup
+        return found
 
-    def prefill_together(self, prompts):
-        self._send("prefill_together", prompts)
-        return super().prefill_together(prompts)
+    def feed(self, tokens):
+        self._send("feed", tokens)
+        return super().feed(tokens)
 
-    def place(self, j, length, rows):
-        self._send("place", j, length, rows)
-        super().place(j, length, rows)
+    def place(self, j, rows):
+        self._send("place", j, rows)
+        super().place(j, rows)
+
+    def remember(self, row):
+        self._send("remember", row)
+        super().remember(row)
 
     def forward(self, tokens, real, logits_to_keep=0):
         self._send(
