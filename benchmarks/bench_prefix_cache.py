@@ -121,7 +121,7 @@ def bench_chat(args) -> dict:
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(None)
-    model = AutoModelForCausalLM.from_pretrained(None)
+    model = AutoModelForCausalLM.from_pretrained(None, quantization_config=quantization(args.quantization))
     model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=4)  # warm-up
     runs = {True: [], False: []}
     for repeat in range(args.repeats):
@@ -143,7 +143,7 @@ def bench_chat(args) -> dict:
         ("the whole chat (s)", lambda r: r["total"]),
     ]
     print(
-        f"\n10-turn chat, bundled SmolLM2-135M-Instruct float32, {args.threads} threads, replies <= "
+        f"\n10-turn chat, bundled SmolLM2-135M-Instruct, weights {args.quantization}, {args.threads} threads, replies <= "
         f"{args.max_new_tokens} tokens, prompts {prompts[0]}..{prompts[-1]} tokens, median of {args.repeats}; "
         f"replies identical with and without the cache: {same}; prompt tokens reused per turn: {reused}\n"
     )
@@ -154,6 +154,16 @@ def bench_chat(args) -> dict:
         table[name] = dict(off=off, on=on, ratio=off / on)
         print(f"{name} | {off:.3f} | {on:.3f} | {off / on:.1f}x")
     return dict(same_replies=same, prompts=prompts, table=table)
+
+
+def quantization(name: str):
+    from chatlm import QuantizationConfig
+
+    return (
+        None
+        if name == "none"
+        else QuantizationConfig(load_in_8bit=name == "int8", load_in_4bit=name == "int4")
+    )
 
 
 # -- the server --------------------------------------------------------------------------------------------------
@@ -195,7 +205,7 @@ def metrics(url: str) -> dict[str, float]:
 def serve_once(args, cache_ram: int, system: str, questions: list[str]) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "chatlm", "serve", "--port", str(port), "--cache-ram", str(cache_ram)]
-    command += ["--max-batch", str(args.clients)]
+    command += ["--max-batch", str(args.clients), "--quantization", args.quantization]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     server = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -252,7 +262,7 @@ def bench_server(args) -> dict:
     on, off = results[1024], results[0]
     per_client = (on["prompt_tokens"] / args.clients) - shared
     print(
-        f"\n{args.clients} streaming clients at once, `chatlm serve` (bundled model, float32, {args.threads} "
+        f"\n{args.clients} streaming clients at once, `chatlm serve` (bundled model, weights {args.quantization}, {args.threads} "
         f"threads, --max-batch {args.clients}), a shared system prompt of {shared} tokens + "
         f"{per_client:.0f} tokens each, max_tokens 16; replies identical: {on['texts'] == off['texts']}\n"
     )
@@ -280,6 +290,9 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--system-tokens", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--quantization", choices=("none", "int8", "int4"), default="none", help="the model's weights"
+    )
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     results = {}

@@ -102,12 +102,18 @@ class RaggedCache:
     def add_rows(self, count: int) -> None:
         """``count`` more rows, empty (a server's batch grows as requests come)."""
         cache = self.cache
+
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            # zeros (calloc'd: the new rows' pages are touched only when used), then the old rows copied in;
+            # torch.cat would write every new byte up front
+            new = old.new_zeros(old.shape[0] + count, *old.shape[1:])
+            new[: old.shape[0]] = old
+            return new
+
         for store in (cache.keys, cache.values):
             for i, layer in enumerate(store):
-                store[i] = torch.cat([layer, layer.new_zeros(count, *layer.shape[1:])])
-        cache.ids = torch.cat([cache.ids, cache.ids.new_zeros(count, cache.ids.shape[1])])
-        self.slots = torch.cat([self.slots, self.slots.new_zeros(count, self.slots.shape[1])])
-        self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(count)])
+                store[i] = grown(layer)
+        cache.ids, self.slots, self.lengths = grown(cache.ids), grown(self.slots), grown(self.lengths)
 
     def place(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor], ids: list[int]) -> None:
         """Put a sequence prefilled elsewhere (per layer, keys and values (kv_heads, L, head_dim) at positions

@@ -220,12 +220,24 @@ class Engine:
         if any(d < len(r.prompt) for r, d in zip(group, done)):
             return  # a long prompt: its next chunk in the next turn
         self.prefill = None
+        starting, placements = [], []
+        free = [row for row in range(self.side.rows) if row not in self.running]
+        new_row = self.side.rows  # then rows past the batch's last
         for j, request in enumerate(group):
             self.metrics.prompt_tokens += len(request.prompt)
             if request.cancelled:
                 self._finish_all(request)
-            else:
-                self._start(request, j, logits[j])
+                continue
+            while len(free) < request.n:
+                free.append(new_row)
+                new_row += 1
+            rows, free = free[: request.n], free[request.n :]
+            starting.append((request, rows, logits[j]))
+            placements.append((j, rows))
+        if placements:
+            self.side.place(placements)  # all at once: the batch grows once
+        for request, rows, first in starting:
+            self._start(request, rows, first)
 
     def _take_group(self, budget: int) -> list[Request]:
         """The waiting requests to prefill together, oldest first: as many as fit the free rows and, by their
@@ -250,13 +262,9 @@ class Engine:
             self.metrics.waiting = len(self.waiting)
         return group
 
-    def _start(self, request: Request, staged: int, logits: torch.Tensor) -> None:
-        """The prompt is prefilled (staged prompt ``staged``): its choices take free rows, each with its first
-        token."""
-        free = [row for row in range(self.side.rows) if row not in self.running]
-        free += list(range(self.side.rows, self.side.rows + max(0, request.n - len(free))))
-        rows = free[: request.n]
-        self.side.place(staged, rows)
+    def _start(self, request: Request, rows: list[int], logits: torch.Tensor) -> None:
+        """The prompt is prefilled and placed in ``rows`` of the batch: its choices start there, each with its
+        first token."""
         self.metrics.first_token(time.monotonic() - request.arrived)
         finished = []
         for index, row in enumerate(rows):

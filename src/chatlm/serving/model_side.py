@@ -63,17 +63,22 @@ class ModelSide:
                 real[j, width - len(chunk) :] = True
         return self.staged.forward(ids.to(self.device), real.to(self.device), logits_to_keep=1)[:, -1]
 
-    def place(self, j: int, rows: list[int]) -> None:
-        """Staged prompt ``j`` into batch rows ``rows`` (more rows made as needed); the prefix cache keeps it."""
-        keys, values, ids = self.staged.entries(j)
+    def place(self, placements: list[tuple[int, list[int]]]) -> None:
+        """Each staged prompt ``j`` of ``placements`` into its batch rows (the batch grows once, as needed, to
+        hold them all); the prefix cache keeps the prompts."""
+        entries = {j: self.staged.entries(j) for j, _ in placements}
         if self.prefix_cache is not None:
-            self.prefix_cache.insert(ids, keys, values)
+            for keys, values, ids in entries.values():
+                self.prefix_cache.insert(ids, keys, values)
         if self.batch is None:
-            self.batch = RaggedCache(self.model, 0, len(ids) + 64)
-        if max(rows) >= self.batch.rows:
-            self.batch.add_rows(max(rows) + 1 - self.batch.rows)
-        for row in rows:
-            self.batch.place(row, keys, values, ids)
+            self.batch = RaggedCache(self.model, 0, max(len(ids) for _, _, ids in entries.values()) + 64)
+        needed = max(max(rows) for _, rows in placements) + 1
+        if needed > self.batch.rows:
+            self.batch.add_rows(needed - self.batch.rows)
+        for j, rows in placements:
+            keys, values, ids = entries[j]
+            for row in rows:
+                self.batch.place(row, keys, values, ids)
 
     def remember(self, row: int) -> None:
         """The prefix cache keeps what batch row ``row`` holds (its prompt and reply so far): the next turn of
@@ -129,9 +134,9 @@ class BroadcastingSide(ModelSide):
         self._send("feed", tokens)
         return super().feed(tokens)
 
-    def place(self, j, rows):
-        self._send("place", j, rows)
-        super().place(j, rows)
+    def place(self, placements):
+        self._send("place", placements)
+        super().place(placements)
 
     def remember(self, row):
         self._send("remember", row)
