@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 
 import httpx
 import torch
+from bench_server import free_port, stream_chat, wait_until_up
 
 USER_TURNS = [
     "Hello! I am planning a trip to Portugal next spring and I would like some help. Could you tell me which "
@@ -169,32 +169,9 @@ def quantization(name: str):
 # -- the server --------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def ask(http: httpx.AsyncClient, url: str, system: str, question: str) -> dict:
-    body = {
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-        "max_tokens": 16,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    sent, first, usage, text = time.perf_counter(), None, None, ""
-    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = first or time.perf_counter() - sent
-                text += chunk["choices"][0]["delta"]["content"]
-            usage = chunk.get("usage") or usage
-    return dict(ttft=first if first is not None else time.perf_counter() - sent, usage=usage, text=text)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return await stream_chat(http, url, messages, 16)
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -210,18 +187,7 @@ def serve_once(args, cache_ram: int, system: str, questions: list[str]) -> dict:
     server = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit("the server exited")
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not start in 300 s")
-            time.sleep(0.3)
+        wait_until_up(server, url)
 
         async def everyone() -> list[dict]:
             async with httpx.AsyncClient(timeout=900) as http:

@@ -43,27 +43,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_request(http: httpx.AsyncClient, url: str, question: str, max_tokens: int) -> tuple[float, int]:
+def wait_until_up(server: subprocess.Popen, url: str, limit: float = 300) -> None:
+    """Until the server at ``url`` answers /health (SystemExit if it exits or takes over ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    while True:
+        if server.poll() is not None:
+            raise SystemExit("the server exited")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start in {limit:.0f} s")
+        time.sleep(0.3)
+
+
+async def stream_chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
+    """One greedy streaming chat request: its time to first content chunk, its usage record and its text."""
     body = {
-        "messages": [{"role": "user", "content": question}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    sent = time.perf_counter()
-    first, tokens = None, 0
+    sent, first, usage, text = time.perf_counter(), None, None, ""
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - sent
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return (first if first is not None else time.perf_counter() - sent), tokens
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter() - sent
+                text += chunk["choices"][0]["delta"]["content"]
+            usage = chunk.get("usage") or usage
+    return dict(ttft=first if first is not None else time.perf_counter() - sent, usage=usage, text=text)
+
+
+async def one_request(http: httpx.AsyncClient, url: str, question: str, max_tokens: int) -> tuple[float, int]:
+    answer = await stream_chat(http, url, [{"role": "user", "content": question}], max_tokens)
+    return answer["ttft"], answer["usage"]["completion_tokens"] if answer["usage"] else 0
 
 
 async def level(url: str, clients: int, requests: int, max_tokens: int, limit: float) -> dict:
@@ -125,18 +146,7 @@ def main() -> int:
     server = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit("the server exited")
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not start in 300 s")
-            time.sleep(0.3)
+        wait_until_up(server, url)
         asyncio.run(level(url, 1, 1, 8, 60))  # warm-up
         results = []
         for clients in args.clients:
