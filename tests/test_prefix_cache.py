@@ -56,6 +56,30 @@ def test_reused_prefix_gives_the_same_reply_quantized(tiny_checkpoints, variant,
     continue_twice(model, tokens(25, seed=2))
 
 
+def test_a_cache_used_by_speculative_decoding_holds_only_the_sequence(bundled_model):
+    model, tok = bundled_model, bundled_tokenizer()
+    text = (
+        "Repeat exactly: the quick brown fox jumps over the lazy dog, and the lazy dog sleeps all day long."
+    )
+    prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)[
+        "input_ids"
+    ]
+    cache = DynamicCache()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=24, prompt_lookup_num_tokens=6, past_key_values=cache
+    )[0].tolist()
+    assert (
+        out[len(prompt) :]
+        == model.generate(torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt) :].tolist()
+    )
+    stats = model.last_speculation
+    assert stats.proposed > stats.accepted > 0
+    # rejected guesses were rolled back: slot k holds the sequence's k-th token
+    assert cache.tokens() == out[: cache.get_seq_length()] and cache.get_seq_length() >= len(out) - 1
+    second = out + tok("And once more, please.")["input_ids"]
+    assert greedy(model, second, cache=cache) == greedy(model, second)
+
+
 def test_a_cache_that_disagrees_is_cut_back_and_a_new_first_token_reuses_nothing(tiny_checkpoints):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["gemma2"])
     base = tokens(30, seed=3)

@@ -49,11 +49,6 @@ class KVCache:
         """The token ids cached in ``row``'s slots (for a padded batch, filler slots included)."""
         return self.ids[row, : self.offset].tolist()
 
-    def nbytes(self) -> int:
-        """Bytes the filled slots' keys and values take."""
-        per_slot = sum(k[:, :, :1].nbytes for k in self.keys) * 2
-        return per_slot * self.offset
-
     def reserve(self, length: int) -> None:
         """Make room for ``length`` slots in all, growing geometrically so appends stay amortised O(1)."""
         if length <= self.capacity:
