@@ -196,9 +196,10 @@ def write_tokenizer(path: Path) -> int:
     return tok.get_vocab_size()
 
 
-def write_checkpoint(path: Path, variant: str, seed: int = 0, **overrides) -> Path:
+def write_checkpoint(path: Path, variant: str, seed: int = 0, std: float = 0.2, **overrides) -> Path:
     """A random model of the given variant, saved with save_pretrained (config.json + model.safetensors +
-    generation_config.json), with a tokenizer whose special ids are 0 (pad), 1 (bos), 2 (eos)."""
+    generation_config.json), with a tokenizer whose special ids are 0 (pad), 1 (bos), 2 (eos). ``std``: of the
+    matrices' weights (0.2 suits the tiny widths; wider models want less to keep each layer's gain)."""
     import transformers
 
     model_type, options = VARIANTS[variant]
@@ -211,6 +212,6 @@ def write_checkpoint(path: Path, variant: str, seed: int = 0, **overrides) -> Pa
     with torch.no_grad():  # wider weights than the init's, so that logits differ enough for stable argmaxes
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.2)
+                p.normal_(0, std)
     model.save_pretrained(path)
     return path

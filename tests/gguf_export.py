@@ -306,6 +306,68 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size
         writer.add_chat_template(template)
 
 
+def encode_q4_k(w: np.ndarray) -> np.ndarray:
+    """Q4_K blocks (rows, k / 256 * 144 bytes) of a float (rows, k) matrix: per 32 values a 6-bit scale and min
+    under the block's f16 ``d`` and ``dmin``, 4-bit values; a plain min/max fit (the gguf package has no K-quant
+    encoder; the tests compare against the dequantized file, so the fit only needs to be close)."""
+    rows, k = w.shape
+    g = w.astype(np.float32).reshape(rows, k // 256, 8, 32)
+    lo, hi = np.minimum(g.min(-1), 0), np.maximum(g.max(-1), 0)
+    scale, low = (hi - lo) / 15, -lo
+    d = (scale.max(-1) / 63).astype(np.float16)
+    dmin = (low.max(-1) / 63).astype(np.float16)
+    df, dminf = d.astype(np.float32)[..., None], dmin.astype(np.float32)[..., None]
+    sc = np.clip(np.round(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), 0, 63).astype(
+        np.uint8
+    )
+    m = np.clip(np.round(np.divide(low, dminf, out=np.zeros_like(low), where=dminf > 0)), 0, 63).astype(
+        np.uint8
+    )
+    step = (df * sc)[..., None]
+    q = np.divide(g + (dminf * m)[..., None], step, out=np.zeros_like(g), where=step > 0)
+    q = np.clip(np.round(q), 0, 15).astype(np.uint8)
+    packed = np.zeros((rows, k // 256, 12), np.uint8)
+    packed[..., 0:4] = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
+    packed[..., 4:8] = (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6)
+    packed[..., 8:12] = (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)
+    qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(rows, k // 256, 128)
+    heads = np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8)], -1)
+    return np.concatenate([heads, packed, qs], -1).reshape(rows, -1)
+
+
+def encode_q6_k(w: np.ndarray) -> np.ndarray:
+    """Q6_K blocks (rows, k / 256 * 210 bytes): per 16 values an int8 scale under the block's f16 ``d``, 6-bit
+    values stored as low nibbles and 2-bit high parts."""
+    rows, k = w.shape
+    g = w.astype(np.float32).reshape(rows, k // 256, 16, 16)
+    scale = np.abs(g).max(-1) / 31
+    d = (scale.max(-1) / 127).astype(np.float16)
+    df = d.astype(np.float32)[..., None]
+    sc = np.clip(np.round(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), -128, 127)
+    step = (df * sc)[..., None]
+    q = np.round(np.divide(g, step, out=np.zeros_like(g), where=step > 0))
+    q = (np.clip(q, -32, 31) + 32).astype(np.uint8)
+    q0, q1, q2, q3 = q.reshape(rows, k // 256, 2, 4, 32).transpose(3, 0, 1, 2, 4)  # value 128 half + 32 i + l
+    ql = np.concatenate([q0 & 15 | (q2 & 15) << 4, q1 & 15 | (q3 & 15) << 4], -1)
+    qh = q0 >> 4 | (q1 >> 4) << 2 | (q2 >> 4) << 4 | (q3 >> 4) << 6
+    parts = [ql.reshape(rows, k // 256, 128), qh.reshape(rows, k // 256, 64)]
+    parts += [sc.astype(np.int8).view(np.uint8), d[..., None].view(np.uint8)]
+    return np.concatenate(parts, -1).reshape(rows, -1)
+
+
+K_ENCODERS = {gguf.GGMLQuantizationType.Q4_K: encode_q4_k, gguf.GGMLQuantizationType.Q6_K: encode_q6_k}
+
+
+def q4_k_m_like(name: str) -> gguf.GGMLQuantizationType:
+    """A Q4_K_M-like mix: Q6_K for attention values and MLP down projections (llama.cpp gives half of them
+    Q6_K), Q8_0 for the embedding, Q4_K for the rest."""
+    if name.endswith(("v_proj.weight", "down_proj.weight")):
+        return gguf.GGMLQuantizationType.Q6_K
+    if "embed_tokens" in name:
+        return gguf.GGMLQuantizationType.Q8_0
+    return gguf.GGMLQuantizationType.Q4_K
+
+
 def _encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     if w.ndim <= 1 or qtype == gguf.GGMLQuantizationType.F32:
         return w.astype(np.float32), gguf.GGMLQuantizationType.F32
@@ -314,6 +376,8 @@ def _encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if w.shape[-1] % block:
         return w.astype(np.float16), gguf.GGMLQuantizationType.F16
+    if qtype in K_ENCODERS:
+        return K_ENCODERS[qtype](w.reshape(-1, w.shape[-1])).reshape(*w.shape[:-1], -1), qtype
     return gguf.quants.quantize(w.astype(np.float32), qtype), qtype
 
 
@@ -339,7 +403,7 @@ def export_gguf(
         raise NotImplementedError(f"export_gguf: no hooks for {arch!r} (have: {', '.join(sorted(ARCHS))})")
     hooks = ARCHS[arch]
     config, state = _load(hf_model_or_dir)
-    qtype = TENSOR_TYPES[tensor_type]
+    qtype = TENSOR_TYPES.get(tensor_type)
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[hooks.arch])
     _common_metadata(writer, config)
@@ -358,7 +422,7 @@ def export_gguf(
         target = name if name in own else names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ValueError(f"export_gguf: gguf's {hooks.arch.name} table has no name for {name!r}")
-        data, dtype = _encode(w, qtype)
+        data, dtype = _encode(w, q4_k_m_like(name) if tensor_type == "Q4_K_M" else qtype)
         writer.add_tensor(
             target,
             data,
@@ -374,6 +438,7 @@ def export_gguf(
             "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
             "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
             "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+            "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,
         }[tensor_type]
     )
     writer.write_header_to_file()

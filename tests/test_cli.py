@@ -12,21 +12,37 @@ def chatlm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def test_run_one_prompt_greedy_matches_the_api(bundled_model):
+def _greedy_reply(model, prompt: str, max_new_tokens: int) -> str:
     from chatlm import AutoTokenizer
 
-    result = chatlm("run", "What is the capital of France?", "--max-new-tokens", "20")
-    assert result.returncode == 0, result.stderr
     tok = AutoTokenizer.from_pretrained(None)
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
     )
-    out = bundled_model.generate(**ids, max_new_tokens=20)
-    expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert result.stdout.strip() == expected.strip()
+    out = model.generate(**ids, max_new_tokens=max_new_tokens)
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_run_one_prompt_greedy_matches_the_api(bundled_model):
+    """--quantization none: the float32 model, as from_pretrained loads it."""
+    prompt = "What is the capital of France?"
+    result = chatlm("run", prompt, "--max-new-tokens", "20", "--quantization", "none")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == _greedy_reply(bundled_model, prompt, 20)
     assert result.stderr == ""  # quiet when not on a terminal
+
+
+def test_a_gguf_runs_as_stored_by_default():
+    """The bundled model is a GGUF file: by default the CLI keeps its blocks (Q4_1, Q8_0) as llama.cpp does."""
+    from chatlm import AutoModelForCausalLM, QuantizationConfig
+
+    prompt = "Name a river in Europe."
+    result = chatlm("run", prompt, "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    stored = AutoModelForCausalLM.from_pretrained(
+        None, quantization_config=QuantizationConfig(keep_gguf_blocks=True)
+    )
+    assert result.stdout.strip() == _greedy_reply(stored, prompt, 12)
 
 
 def test_chat_with_reset_and_exit():
@@ -52,23 +68,15 @@ def test_errors_are_one_line(tmp_path):
 
 
 def test_run_with_4bit_weights_matches_the_api():
-    from chatlm import AutoModelForCausalLM, AutoTokenizer, QuantizationConfig
+    from chatlm import AutoModelForCausalLM, QuantizationConfig
 
     prompt = "Name a river in Europe."
     result = chatlm("run", prompt, "--max-new-tokens", "12", "--quantization", "int4")
     assert result.returncode == 0, result.stderr
-    tok = AutoTokenizer.from_pretrained(None)
     model = AutoModelForCausalLM.from_pretrained(
         None, quantization_config=QuantizationConfig(load_in_4bit=True)
     )
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-    )
-    out = model.generate(**ids, max_new_tokens=12)
-    assert (
-        result.stdout.strip()
-        == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    )
+    assert result.stdout.strip() == _greedy_reply(model, prompt, 12)
 
 
 def test_run_with_prompt_lookup_gives_the_plain_reply():

@@ -119,8 +119,8 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert native._build(compiler) == first and first.stat().st_mtime_ns == stamp  # no rebuild
     edited = tmp_path / "edited.c"
-    edited.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
-    monkeypatch.setattr(native, "SOURCE", edited)
+    edited.write_text(native.SOURCES[-1].read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCES", [*native.SOURCES[:-1], edited])
     assert native._build(compiler) != first
 
 

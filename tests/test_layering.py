@@ -23,7 +23,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("chatlm.kernels",)),  # native ops, behind functions that fall back to torch
     ("models", ("chatlm.models",)),  # the architectures, their layers, base class and KV cache
     # What changes a built model's layers: quantized layers in place of float ones, tensor-parallel shards.
-    ("model transforms", ("chatlm.quantization", "chatlm.parallel")),
+    ("model transforms", ("chatlm.quantization", "chatlm.gguf_layers", "chatlm.parallel")),
     # Files to a ready model: references, checkpoints, GGUF, the loader (and its Auto front door).
     ("loading", ("chatlm.loading", "chatlm.auto")),
     # Text: tokenizers (read through loading), the streaming detokenizer, chat templates, tool schemas, reply

@@ -434,7 +434,8 @@ def test_config_fields_map():
         (lambda: BitsAndBytesConfig(load_in_4bit=True, bogus=1), TypeError, "bogus"),
         (lambda: QuantizationConfig(load_in_4bit=True, group_size=48), ValueError, "group_size"),
         (lambda: QuantizationConfig(load_in_8bit=True, group_size=32), ValueError, "4-bit"),
-        (lambda: QuantizationConfig(load_in_8bit=True, load_in_4bit=True), ValueError, "not both"),
+        (lambda: QuantizationConfig(load_in_8bit=True, load_in_4bit=True), ValueError, "choose one of"),
+        (lambda: QuantizationConfig(load_in_4bit=True, keep_gguf_blocks=True), ValueError, "choose one of"),
         (lambda: QuantizationConfig(load_in_8bit=True, skip_modules="lm_head"), TypeError, "list"),
     ],
 )

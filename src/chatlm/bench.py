@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -235,14 +235,30 @@ def random_prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
     return [rng.randrange(vocab_size) for _ in range(length)]
 
 
-def quantization_config(quantization: str):
-    """``none`` / ``int8`` / ``int4`` as the ``quantization_config`` for ``from_pretrained``."""
-    from .quantization import QuantizationConfig
+def resolve_quantization(quantization: str, model=None, device: str | None = None) -> str:
+    """``auto`` made concrete: ``gguf`` (the file's blocks as stored, as llama.cpp and Ollama run a file) for a
+    GGUF on the CPU, ``none`` otherwise; any other choice as it is."""
+    from .loading.loader import resolve_device
+    from .loading.resolve import resolve_model
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization != "auto":
+        return quantization
+    on_cpu = resolve_device(device or "auto").type == "cpu"
+    return "gguf" if on_cpu and resolve_model(model).kind == "gguf" else "none"
+
+
+def quantization_config(quantization: str, model=None, device: str | None = None):
+    """``auto`` / ``none`` / ``int8`` / ``int4`` / ``gguf`` as the ``quantization_config`` for ``from_pretrained``
+    (``gguf``: a GGUF file's blocks kept as stored; ``auto``: see `resolve_quantization`)."""
+    from .quantization import QuantizationConfig
+
+    quantization = resolve_quantization(quantization, model, device)
     if quantization == "none":
         return None
+    if quantization == "gguf":
+        return QuantizationConfig(keep_gguf_blocks=True)
     return QuantizationConfig(load_in_8bit=quantization == "int8", load_in_4bit=quantization == "int4")
 
 
@@ -251,7 +267,7 @@ def run_bench(
     model: str | os.PathLike | None = None,
     *,
     dtype: str = "float32",
-    quantization: str = "none",
+    quantization: str = "auto",
     prompt_tokens: int = 500,
     new_tokens: int = 128,
     repeats: int = 3,
@@ -280,6 +296,7 @@ def run_bench(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     say = progress or (lambda line: None)
+    quantization = resolve_quantization(quantization, model, device)
     qconfig = quantization_config(quantization)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")  # bench.QUANTIZATIONS (not imported: torch is slow)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
         p.add_argument(
             "--quantization",
-            choices=("none", "int8", "int4"),
-            default="none",
-            help="keep the weights in 8 or 4 bits on the CPU (int4 keeps a 4-bit GGUF's blocks; default none)",
+            choices=QUANTIZATIONS,
+            default="auto",
+            help="weights on the CPU: gguf keeps a GGUF file's own blocks (Q4_K, Q6_K, Q8_0, ...), int8 / int4 "
+            "quantize, none loads floats (default auto: gguf for a GGUF file, else none)",
         )
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -138,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--quantization",
-        choices=("none", "int8", "int4"),
-        default="none",
-        help="weight quantization (default none)",
+        choices=QUANTIZATIONS,
+        default="auto",
+        help="weight quantization (default auto: a GGUF file's own blocks, else none)",
     )
     bench.add_argument("--prompt-tokens", type=_positive_int, default=500, help="prompt length (default 500)")
     bench.add_argument(
@@ -223,11 +225,14 @@ def _load_model(model_ref: str | None, args: argparse.Namespace, tensor_parallel
     from .auto import AutoModelForCausalLM
     from .bench import quantization_config
 
+    quantization = args.quantization
+    if quantization == "auto" and tensor_parallel:
+        quantization = "none"  # GGUF blocks as stored do not split over ranks (yet)
     return AutoModelForCausalLM.from_pretrained(
         model_ref,
         torch_dtype=args.dtype,
         device_map=args.device,
-        quantization_config=quantization_config(args.quantization),
+        quantization_config=quantization_config(quantization, model_ref, args.device),
         tp_plan="auto" if tensor_parallel else None,
     )
 

@@ -57,20 +57,22 @@ ALWAYS_FLOAT = ("mlp.gate", "shared_expert_gate")
 
 @dataclass
 class QuantizationConfig:
-    """``load_in_8bit`` / ``load_in_4bit``: weight-only quantization; ``group_size``: inputs per 4-bit scale
-    (32, 64, 128 or 256; 32 by default); ``compute_dtype``: what quantized layers compute in (``torch.bfloat16``,
-    the default and the fast one, or ``torch.float32``); ``skip_modules``: module names (or name suffixes, such
-    as ``"lm_head"``) that stay in float."""
+    """``load_in_8bit`` / ``load_in_4bit``: weight-only quantization; ``keep_gguf_blocks``: a GGUF file's
+    weights run as the file stores them (Q4_K, Q6_K, Q8_0, ...: `chatlm.gguf_layers`); ``group_size``: inputs
+    per 4-bit scale (32, 64, 128 or 256; 32 by default); ``compute_dtype``: what quantized layers compute in
+    (``torch.bfloat16``, the default and the fast one, or ``torch.float32``); ``skip_modules``: module names (or
+    name suffixes, such as ``"lm_head"``) that stay in float."""
 
     load_in_8bit: bool = False
     load_in_4bit: bool = False
+    keep_gguf_blocks: bool = False
     group_size: int | None = None
     compute_dtype: Any = None
     skip_modules: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if self.load_in_8bit and self.load_in_4bit:
-            raise ValueError("choose one of load_in_8bit and load_in_4bit, not both")
+        if self.load_in_8bit + self.load_in_4bit + self.keep_gguf_blocks > 1:
+            raise ValueError("choose one of load_in_8bit, load_in_4bit and keep_gguf_blocks")
         if self.group_size is not None:
             if not self.load_in_4bit:
                 raise ValueError("group_size applies to 4-bit weights (load_in_4bit=True) only")
@@ -78,7 +80,8 @@ class QuantizationConfig:
                 raise ValueError(
                     f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {self.group_size!r}"
                 )
-        self.compute_dtype = _compute_dtype(self.compute_dtype)
+        if not (self.keep_gguf_blocks and self.compute_dtype is None):  # None there: see chatlm.gguf_layers
+            self.compute_dtype = _compute_dtype(self.compute_dtype)
         if self.skip_modules is not None and (
             isinstance(self.skip_modules, str) or not all(isinstance(s, str) for s in self.skip_modules)
         ):
@@ -86,6 +89,8 @@ class QuantizationConfig:
 
     @property
     def requested(self) -> str | None:
+        if self.keep_gguf_blocks:
+            return "GGUF blocks as stored"
         return "8-bit" if self.load_in_8bit else "4-bit" if self.load_in_4bit else None
 
     @property
@@ -555,9 +560,6 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig, dtype: torch.
 
 
 def quantized_slots(model: nn.Module) -> dict[str, nn.Module]:
-    """Checkpoint name of each quantized weight -> the module that takes it (``load_weight``)."""
-    return {
-        f"{name}.weight": m
-        for name, m in model.named_modules()
-        if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
-    }
+    """Checkpoint name of each quantized weight -> the module that takes it (``load_weight``: ours, or
+    `chatlm.gguf_layers`' modules, which keep GGUF blocks as stored)."""
+    return {f"{name}.weight": m for name, m in model.named_modules() if hasattr(m, "load_weight")}

@@ -191,3 +191,37 @@ def decode_attention(
         _addr(out),
     )
     return out
+
+
+def gguf_supported(ggml_type: int) -> bool:
+    """Whether `gguf_linear` / `gguf_dequantize` run for blocks of this GGML type id on this CPU."""
+    lib = native.library()
+    return lib is not None and bool(lib.chatlm_gguf_supports(ggml_type))
+
+
+def gguf_linear(
+    x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, in_features: int, precise: bool = False
+) -> torch.Tensor | None:
+    """x (m, k) @ W^T in float32 (m, n) for W stored as GGUF blocks (n, bytes per row) uint8, read in place. The
+    activations are rounded to int8 in groups of 32 or 256 values (``precise``: int16 per 32, about float32's
+    precision, half the speed; see ``gguf_kernels.c``)."""
+    if not _usable(x, blocks) or not blocks.is_contiguous():
+        return None
+    x = x.float().contiguous()
+    n = blocks.shape[0]
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    lib = native.library()
+    matmul = lib.chatlm_gguf_matmul_precise if precise else lib.chatlm_gguf_matmul
+    done = matmul(_addr(x), x.shape[0], in_features, _addr(blocks), ggml_type, blocks.stride(0), n, _addr(y))
+    return y if done else None
+
+
+def gguf_dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor | None:
+    """GGUF blocks (n, bytes per row) uint8 as float32 (n, k), bit for bit the dequantizer's values."""
+    if not _usable(blocks) or blocks.stride(-1) != 1:
+        return None
+    out = torch.empty(blocks.shape[0], in_features, dtype=torch.float32)
+    done = native.library().chatlm_gguf_dequantize(
+        _addr(blocks), ggml_type, blocks.stride(0), blocks.shape[0], in_features, _addr(out)
+    )
+    return out if done else None

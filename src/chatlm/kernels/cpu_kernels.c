@@ -460,7 +460,13 @@ int chatlm_q4_torch_layout_matmul(const float *x, int64_t m, int64_t k, const ui
 #endif
 }
 
-/* A linear layer as the fused decoder step sees it: int4 (torch's packed layout, see above) or int8 weights. */
+/* gguf_kernels.c */
+int chatlm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int type, int64_t row_bytes,
+                       int64_t n, float *y);
+int64_t chatlm_gguf_row_bytes(int type, int64_t k);
+
+/* A linear layer as the fused decoder step sees it: int4 (torch's packed layout, see above), int8 weights, or
+ * GGUF blocks as stored (bits 0, group: the GGML type id). */
 typedef struct {
     int bits;
     const void *weight, *scales; /* int4: packed, (scale, zero) pairs; int8: (n, k) values, float32 scales */
@@ -470,7 +476,9 @@ typedef struct {
 } chatlm_linear;
 
 static void linear_rows(const chatlm_linear *l, const float *x, int64_t m, float *y) {
-    if (l->bits == 4)
+    if (l->bits == 0)
+        chatlm_gguf_matmul(x, m, l->k, l->weight, (int)l->group, chatlm_gguf_row_bytes((int)l->group, l->k), l->n, y);
+    else if (l->bits == 4)
         chatlm_q4_torch_layout_matmul(x, m, l->k, l->weight, l->scales, l->scales_f32, l->group, l->n, y);
     else
         chatlm_q8_matmul(x, m, l->k, l->weight, l->scales, l->n, y);

@@ -29,7 +29,8 @@ MAX_TOKENS = 16  # tokens of one row that a fused decoding step takes at once (t
 class NativeWeight:
     """A quantized linear layer's operands as the native kernels read them. 8 bits: ``weight`` (n, k) int8 and
     ``scales`` (n,) float32; 4 bits: ``weight`` in torch's packed CPU layout (AVX-512: blocks of 64 channels) and
-    ``scales`` (k / group, n, 2) scales and zero points. ``weight`` is the layer's ``qweight`` buffer: a reload or
+    ``scales`` (k / group, n, 2) scales and zero points; 0 bits: GGUF blocks as stored, (n, bytes per row) uint8
+    in ``weight`` (and ``scales``), their GGML type id in ``group``. ``weight`` is the layer's ``qweight`` buffer: a reload or
     a move replaces it, and the plan is made again."""
 
     bits: int
@@ -132,6 +133,8 @@ def _native_weight(m: nn.Module) -> NativeWeight | None:
         return None
     if w.bias is not None and (w.bias.dtype != torch.float32 or not w.bias.is_contiguous()):
         return None
+    if w.bits == 0:  # GGUF blocks as stored (group: the type id)
+        return w if native.library().chatlm_gguf_supports(w.group) else None
     if w.bits == 4:  # our kernel for torch's AVX-512 layout, built (it needs AVX-512 too)
         return w if native.library().chatlm_has_int4_kernel() else None
     fits = w.out_features % 4 == 0 and w.in_features % 16 == 0 and w.weight.is_contiguous()

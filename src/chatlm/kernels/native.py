@@ -1,4 +1,4 @@
-"""Builds chatlm's C kernels (``cpu_kernels.c``) on first use and loads them with ctypes.
+"""Builds chatlm's C kernels (``cpu_kernels.c``, ``gguf_kernels.c``) on first use and loads them with ctypes.
 
 The library is compiled for this very CPU (``-march=native``) with the C compiler found (``$CC``, ``cc``, ``gcc``
 or ``clang``) into ``~/.cache/chatlm/kernels`` (or ``$CHATLM_CACHE``), named by a hash of the source, the compiler,
@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "gguf_kernels.c")]
 # No contraction of a * b + c into FMAs: the elementwise code rounds as torch does (the vector code uses FMAs
 # where it means to).
 # $CHATLM_MARCH picks another target than this CPU (e.g. x86-64-v3 for AVX2 only: how the tests check the other
@@ -45,6 +45,10 @@ SIGNATURES = {
     "chatlm_rms_norm": [_ptr, _ptr, _int, _i64, _i64, _f32, _ptr],
     "chatlm_q4_torch_layout_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _int, _i64, _i64, _ptr],
     "chatlm_has_int4_kernel": [],
+    "chatlm_gguf_supports": [_int],
+    "chatlm_gguf_matmul": [_ptr, _i64, _i64, _ptr, _int, _i64, _i64, _ptr],
+    "chatlm_gguf_matmul_precise": [_ptr, _i64, _i64, _ptr, _int, _i64, _i64, _ptr],
+    "chatlm_gguf_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr],
     "chatlm_llama_decode_layer": [
         _ptr,
         _i64,
@@ -70,6 +74,10 @@ SIGNATURES = {
 RESTYPES = {
     "chatlm_q4_torch_layout_matmul": _int,
     "chatlm_has_int4_kernel": _int,
+    "chatlm_gguf_supports": _int,
+    "chatlm_gguf_matmul": _int,
+    "chatlm_gguf_matmul_precise": _int,
+    "chatlm_gguf_dequantize": _int,
 }  # 0: not built for this CPU (no AVX-512)
 
 
@@ -97,7 +105,7 @@ def _cpu_signature() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(
         b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()])
     )
@@ -109,12 +117,14 @@ def _build(compiler: str) -> Path:
         built = Path(tmp) / target.name
         flags = FLAGS
         result = subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True
+            [compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"], capture_output=True, text=True
         )
         if result.returncode != 0 and "-fopenmp" in flags:  # e.g. Apple clang: no OpenMP, one thread
             flags = [f for f in flags if f != "-fopenmp"]
             result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True
+                [compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"],
+                capture_output=True,
+                text=True,
             )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")

@@ -1,5 +1,7 @@
 """GGUF tensors kept block-quantized while loading, for the quantized modules that can take them.
 
+`chatlm.gguf_layers` keeps them as they are (their ``raw`` bytes, in place on the file's map).
+
 A tensor named for a quantized module comes from the GGUF reader as its raw blocks (`GGUFBlocks`); the module
 (`chatlm.quantization.QuantizedLinear.load_weight`) asks it for float rows to quantize, or, for Q4_0, Q4_1 and
 Q4_K, for its values as they are: group-32 int4 with a scale and a zero point in the int4 format's convention
@@ -20,6 +22,10 @@ class GGUFBlocks:
 
     def __init__(self, raw: torch.Tensor, ggml_type, shape: tuple[int, ...]):
         self.raw, self.ggml_type, self.shape = raw, ggml_type, tuple(shape)
+
+    @property
+    def type_name(self) -> str:
+        return self.ggml_type.name
 
     def dequantize(self) -> torch.Tensor:
         return self.float_rows(0, self.shape[0])

@@ -303,19 +303,51 @@ def _keepable(tensor: GGUFTensor, arch: str, name: str) -> bool:
     return arch not in TENSOR_FIXES or TENSOR_FIXES[arch](name, probe) is probe
 
 
+def kept_names(reader: GGUFFile, config: dict[str, Any], types: Collection[str]) -> set[str]:
+    """Hugging Face names of the tensors that can come as raw blocks of one of ``types`` (type names)."""
+    arch = field_value(reader, "general.architecture")
+    names = set()
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name, arch)
+        if name is None or tensor.ggml_type.name not in types:
+            continue
+        heads = _permuted_heads(arch, name, config)
+        if (heads is None or tensor.shape[0] % (2 * heads) == 0) and _keepable(tensor, arch, name):
+            names.add(name)
+    return names
+
+
+def _permuted_heads(arch: str, name: str, config: dict[str, Any]) -> int | None:
+    """Heads of a q/k projection that llama.cpp stores with its rows permuted (None: stored as it is)."""
+    if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "q_proj.bias")):
+        return config["num_attention_heads"]
+    if arch in PERMUTED_QK and name.endswith(("k_proj.weight", "k_proj.bias")):
+        return config["num_key_value_heads"]
+    return None
+
+
 def read_gguf_tensors(
-    reader: GGUFFile, config: dict[str, Any], path: Path, keep_quantized: Collection[str] = ()
+    reader: GGUFFile,
+    config: dict[str, Any],
+    path: Path,
+    keep_quantized: Collection[str] = (),
+    in_place: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
     """(Hugging Face name, float32 tensor) per tensor; block-quantized tensors named in ``keep_quantized`` come
-    as their raw blocks (`GGUFBlocks`, rows already in Hugging Face order) for a quantized module to keep."""
+    as their raw blocks (`GGUFBlocks`, rows already in Hugging Face order) for a quantized module to keep.
+    ``in_place``: the modules keep those blocks as they are, views on the file's memory map (its pages stay)."""
     try:
-        yield from _read_tensors(reader, config, path, keep_quantized)
+        yield from _read_tensors(reader, config, path, keep_quantized, in_place)
     finally:
-        reader.close()  # the weights are copies: the map of the file is not needed any more
+        reader.close()  # this reader's map; views handed out (in_place) keep the file mapped
 
 
 def _read_tensors(
-    reader: GGUFFile, config: dict[str, Any], path: Path, keep_quantized: Collection[str] = ()
+    reader: GGUFFile,
+    config: dict[str, Any],
+    path: Path,
+    keep_quantized: Collection[str] = (),
+    in_place: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
     arch = field_value(reader, "general.architecture")
     for tensor in reader.tensors:
@@ -324,11 +356,7 @@ def _read_tensors(
         name = hf_name(tensor.name, arch)
         if name is None:
             raise ValueError(f"{path.name}: unexpected tensor {tensor.name!r} for architecture {arch!r}")
-        heads = None
-        if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "q_proj.bias")):
-            heads = config["num_attention_heads"]
-        elif arch in PERMUTED_QK and name.endswith(("k_proj.weight", "k_proj.bias")):
-            heads = config["num_key_value_heads"]
+        heads = _permuted_heads(arch, name, config)
         shape = tensor.shape
         whole_rows = heads is None or shape[0] % (2 * heads) == 0
         if name in keep_quantized and whole_rows and _keepable(tensor, arch, name):
@@ -336,7 +364,8 @@ def _read_tensors(
             if heads is not None:
                 raw = _unpermute_rows(raw, heads)
             yield name, GGUFBlocks(raw, tensor.ggml_type, shape)
-            reader.release(tensor)  # its blocks are in the model now
+            if not in_place or heads is not None:
+                reader.release(tensor)  # its blocks are in the model now (a copy)
             continue
         try:
             if heads is not None and len(shape) == 2 and shape[0] % (2 * heads) == 0:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from ..generation.config import GenerationConfig
+from ..gguf_layers import KEPT_TYPES, keep_gguf_modules
 from ..kernels import fused_llama
 from ..models import model_class
 from ..models.base import CausalLM
@@ -226,15 +227,34 @@ def load_model(
             | {"quantization": repr(quantization), "device": device.type}
         )
         config = tensor_parallel.local_config(config, tp)
+    in_place = quantization is not None and quantization.keep_gguf_blocks
+    if in_place:
+        if resolved.kind != "gguf":
+            raise ValueError(
+                f"keep_gguf_blocks keeps a GGUF file's blocks, and {resolved.name} is not a GGUF file: use "
+                "load_in_8bit or load_in_4bit"
+            )
+        if tp is not None:
+            raise ValueError(
+                "keep_gguf_blocks does not split over tensor-parallel ranks yet: use load_in_4bit"
+            )
     with torch.device("meta"):
         model = model_class(config)(config)
-    if quantization is not None:
+    if in_place:
+        keep_gguf_modules(
+            model, gguf_model.kept_names(reader, raw, KEPT_TYPES), torch_dtype, quantization.compute_dtype
+        )
+        model.quantization_config = quantization
+    elif quantization is not None:
         quantize_modules(model, quantization, torch_dtype)
     shards = tensor_parallel.shard_specs(model, tp) if tp is not None else {}
     if resolved.kind == "gguf":
-        # GGUF blocks go as they are to the quantized modules that can keep them (Q4_0/Q4_1/Q4_K stay 4-bit)
+        # GGUF blocks go as they are to the modules that keep them: as stored (keep_gguf_blocks), or as int4
+        # (Q4_0/Q4_1/Q4_K with load_in_4bit)
         keep = set(quantized_slots(model)) if quantization is not None else set()
-        tensors = gguf_model.read_gguf_tensors(reader, raw, resolved.path, keep_quantized=keep - set(shards))
+        tensors = gguf_model.read_gguf_tensors(
+            reader, raw, resolved.path, keep_quantized=keep - set(shards), in_place=in_place
+        )
     else:
         tensors = read_safetensors(resolved.path, _shard_reader(model, shards) if shards else None)
     load_state(

@@ -1,0 +1,209 @@
+"""Linear layers and embeddings whose weights stay exactly as a GGUF file stores them.
+
+``from_pretrained(..., quantization_config=QuantizationConfig(keep_gguf_blocks=True))`` (the default of ``chatlm
+chat/run/serve`` for a .gguf file, as in llama.cpp and Ollama) puts these in place of the float modules whose
+tensor is a block type chatlm reads (`KEPT_TYPES`): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL,
+IQ4_XS. A Q4_K_M file keeps its mix (Q4_K with Q6_K for some layers, Q8_0 where shapes ask for it): the weights
+that run are the file's weights, no requantization, and their bytes are used in place on the file's memory map
+(only Llama's q/k rows, stored permuted, are copied). Float tensors (norms, F16 matrices) load as usual.
+
+Compute (``chatlm.kernels.gguf_linear``): up to ``NATIVE_MAX_ROWS`` rows (decoding, a speculative check) go to the
+native kernel, which reads the blocks directly and rounds the activations to int8 in groups of 32 or 256 values
+as llama.cpp does (``lm_head`` to int16: the logits are the most sensitive product, where int8 can swap two close
+tokens; about float32's precision there); more rows (prefill) are a float matmul on weights dequantized a cache-sized tile at a time, in
+float32 (the file's weights exactly). ``compute_dtype=torch.bfloat16`` makes the tiles bfloat16 (a faster
+prefill, weights and activations rounded to bfloat16); ``compute_dtype=torch.float32`` runs the float32 tiles for
+decoding too: the dequantized model's results to float rounding (the oracle the tests hold it to). Without the native kernels (no compiler, a
+CPU without AVX2) the tiles are dequantized by `chatlm.loading`'s torch dequantizers, handed in as the weight's
+``float_rows``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .kernels.fused_llama import NativeWeight
+
+# GGML type ids of the block types kept as stored (ggml.h)
+KEPT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+KEPT_TYPES |= {"IQ4_NL": 20, "IQ4_XS": 23}
+NATIVE_MAX_ROWS = 16  # up to this many rows the block kernel; above, dequantized tiles and a float matmul
+TILE_VALUES = 1 << 19  # weights per dequantized tile: 2 MB of float32
+
+
+class StoredBlocks(Protocol):
+    """A GGUF weight as the file stores it (`chatlm.loading.gguf_blocks.GGUFBlocks`): ``raw`` (rows, bytes per
+    row) uint8, its type's name and id, and its rows dequantized by the reference dequantizer."""
+
+    raw: torch.Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def type_name(self) -> str: ...
+
+    def float_rows(self, start: int, stop: int) -> torch.Tensor: ...
+
+
+class _Blocks(nn.Module):
+    """What both modules share: the blocks, their type, and dequantizing rows of them."""
+
+    def _take(self, weight: StoredBlocks) -> None:
+        if weight.type_name not in KEPT_TYPES:
+            raise ValueError(
+                f"{weight.type_name} blocks are not kept as stored (kept: {', '.join(KEPT_TYPES)})"
+            )
+        self.qweight = weight.raw
+        self.ggml_type, self.type_name = KEPT_TYPES[weight.type_name], weight.type_name
+        self._reference_rows: Callable[[int, int], torch.Tensor] = weight.float_rows
+        self._native = kernels.gguf_supported(self.ggml_type)
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) dequantized to float32, bit for bit the file's values."""
+        if self._native:
+            out = kernels.gguf_dequantize(self.qweight[start:stop], self.ggml_type, self.weight_shape[1])
+            if out is not None:
+                return out
+        return self._reference_rows(start, stop)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as float (for checks and tests)."""
+        return self._rows(0, self.weight_shape[0]).to(dtype)
+
+    def num_weights(self) -> int:
+        return self.weight_shape[0] * self.weight_shape[1]
+
+
+class GGUFLinear(_Blocks):
+    """``nn.Linear`` computing with a GGUF weight as stored (see the module docstring); the bias stays float."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+        self.compute_dtype = compute_dtype  # None: the block kernel decodes, float32 tiles prefill
+        self._tile_dtype = compute_dtype or torch.float32
+        self.precise = False  # int16 activations in the block kernel (the head: see the module docstring)
+        self.register_buffer("qweight", None)  # (out, bytes per row) uint8: the file's blocks
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def load_weight(self, weight: StoredBlocks) -> None:
+        self._take(weight)
+
+    def tie_to(self, embedding: GGUFEmbedding) -> None:
+        """Share a GGUF embedding's blocks (tied word embeddings)."""
+        self.qweight, self.ggml_type, self.type_name = (
+            embedding.qweight,
+            embedding.ggml_type,
+            embedding.type_name,
+        )
+        self._reference_rows, self._native = embedding._reference_rows, embedding._native
+
+    def native_weight(self) -> NativeWeight | None:
+        """The operands for the fused decode layer (`chatlm.kernels.fused_llama`): ``bits`` 0 marks GGUF blocks,
+        ``group`` their type id. None where the kernels do not run, or where this layer computes in float32."""
+        if self.qweight is None or not self._native or self.compute_dtype == torch.float32:
+            return None
+        return NativeWeight(
+            0, self.qweight, self.qweight, self.ggml_type, self.out_features, self.in_features, self.bias
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = None
+        if self._native and self.compute_dtype != torch.float32 and x2.shape[0] <= NATIVE_MAX_ROWS:
+            y = kernels.gguf_linear(x2, self.qweight, self.ggml_type, self.in_features, self.precise)
+        if y is None:
+            y = self._tiled(x2)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T in the compute dtype, W dequantized one tile of output channels at a time."""
+        n, k = self.weight_shape
+        x = x.to(self._tile_dtype)
+        step = min(n, max(16, TILE_VALUES // k // 16 * 16))
+        tiles = [F.linear(x, self._rows(i, min(n, i + step)).to(x.dtype)) for i in range(0, n, step)]
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
+    def extra_repr(self) -> str:
+        activations = "int16" if self.precise else "int8"
+        compute = self.compute_dtype or f"{activations} activations when decoding, float32 tiles for prefill"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.type_name} as stored, "
+            f"compute {compute}"
+        )
+
+
+class GGUFEmbedding(_Blocks):
+    """``nn.Embedding`` with a GGUF table as stored; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.dtype = dtype
+        self.register_buffer("qweight", None)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.num_embeddings, self.embedding_dim)
+
+    def load_weight(self, weight: StoredBlocks) -> None:
+        self._take(weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = self.qweight.index_select(0, flat)
+        if self._native:
+            out = kernels.gguf_dequantize(rows, self.ggml_type, self.embedding_dim)
+        else:
+            out = None
+        if out is None:
+            out = (
+                torch.cat([self._reference_rows(i, i + 1) for i in flat.tolist()])
+                if len(flat)
+                else rows.float()
+            )
+        return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.type_name} as stored"
+
+
+def keep_gguf_modules(
+    model: nn.Module, names: set[str], dtype: torch.dtype, compute_dtype: torch.dtype | None
+) -> dict[str, nn.Module]:
+    """Put GGUF modules in place of the linear layers and embeddings whose checkpoint weight (``<module>.weight``)
+    is in ``names`` (on the meta device, before loading); returns weight name -> module. With tied word
+    embeddings the head shares the embedding's blocks (the loader ties them)."""
+    swapped: dict[str, nn.Module] = {}
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    for name, module in list(model.named_modules()):
+        if f"{name}.weight" not in names and not (
+            tied and name == "lm_head" and "model.embed_tokens.weight" in names
+        ):
+            continue
+        if isinstance(module, nn.Linear):
+            new: nn.Module = GGUFLinear(module, compute_dtype)
+            new.precise = name == "lm_head"
+        elif isinstance(module, nn.Embedding):
+            new = GGUFEmbedding(module, dtype)
+        else:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        if f"{name}.weight" in names:
+            swapped[f"{name}.weight"] = new
+    return swapped
