@@ -102,6 +102,20 @@ def test_block_matmul_is_the_dequantized_weights_times_int8_activations(isa, typ
 
 
 @pytest.mark.parametrize("type_name", sorted(KEPT_TYPES))
+@pytest.mark.parametrize("precise", [False, True])
+def test_each_row_is_computed_alone(isa, type_name, precise):
+    """Rows computed together (prefill: four tokens per decoded block) give bit for bit what each gives alone, so a
+    prompt computed whole or in pieces gets the same numbers."""
+    n, k = 20, 512
+    raw = random_blocks(type_name, n, k, seed=9)
+    ggml_type = GGMLQuantizationType[type_name].value
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(4))
+    together = kernels.gguf_linear(x, raw, ggml_type, k, precise)
+    alone = torch.cat([kernels.gguf_linear(x[i : i + 1], raw, ggml_type, k, precise) for i in range(7)])
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("type_name", sorted(KEPT_TYPES))
 def test_precise_block_matmul_rounds_activations_to_int16(isa, type_name):
     """The head's variant: int16 activations per 32 values, float32's precision for all practical purposes."""
     n, k = 24, 512
@@ -185,21 +199,25 @@ def test_float32_compute_is_the_dequantized_model(mixed_gguf):
 
 
 def test_default_compute_is_the_dequantized_weights_with_int8_activations(mixed_gguf):
-    """The default: few rows (decoding) through the block kernel, which rounds each linear layer's input to int8
-    as llama.cpp does; many rows (prefill) through float32 tiles. Every call of every kept layer during generation
-    (the fused decode layer's calls aside, which run the same kernel) against the file's dequantized weight times
-    its input so rounded, in float64."""
+    """The default: decoding through the block kernel, which rounds each linear layer's input to int8 as
+    llama.cpp does (the head's largest logits again with int16); a prompt through float32 tiles. Every call of
+    every kept layer during generation (the fused decode layer's calls aside, which run the same kernel) against
+    the file's dequantized weight times its input so rounded, in float64."""
     kept = AutoModelForCausalLM.from_pretrained(mixed_gguf, quantization_config=_keep())
     kept.decode_fusion = None  # the modules, one by one (test_fused_decode_layer_reads_blocks_too: the rest)
     calls = []
 
     def check(module, args, out):
         x = args[0].reshape(-1, module.in_features)
-        if x.shape[0] <= 16 and module.precise:
-            x = int8_activations(x, 32, levels=32767)
-        elif x.shape[0] <= 16:
-            x = int8_activations(x, 256 if module.type_name in K_TYPES else 32)
-        expected = x.double() @ module.dequantize().double().T
+        w = module.dequantize().double()
+        if x.shape[0] > 16:  # a prompt: float32 tiles
+            expected = x.double() @ w.T
+        else:
+            expected = int8_activations(x, 256 if module.type_name in K_TYPES else 32).double() @ w.T
+        if module.refine_top and x.shape[0] <= 16:  # the head: its largest logits with int16 activations
+            top = expected.topk(module.refine_top, dim=-1).indices
+            refined = int8_activations(x, 32, levels=32767).double() @ w.T
+            expected.scatter_(1, top, refined.gather(1, top))
         if module.bias is not None:
             expected += module.bias.double()
         error = (out.reshape(expected.shape).double() - expected).abs().max() / expected.abs().max()
@@ -208,13 +226,12 @@ def test_default_compute_is_the_dequantized_weights_with_int8_activations(mixed_
     for m in kept.modules():
         if isinstance(m, GGUFLinear):
             m.register_forward_hook(check)
-    for length in (12, 40):  # a prefill through the block kernel, and one through float32 tiles
+    for length in (12, 40):  # a prompt through the kernel, and one through float32 tiles
         kept.generate(prompt(length), max_new_tokens=4, do_sample=False)
     assert {rows for rows, _ in calls} >= {1, 12, 40}
     assert max(error for _, error in calls) < 1e-5
-    assert kept.lm_head.precise and not any(
-        m.precise for m in kept.model.modules() if isinstance(m, GGUFLinear)
-    )
+    assert kept.lm_head.refine_top
+    assert not any(m.refine_top for m in kept.model.modules() if isinstance(m, GGUFLinear))
 
 
 def test_fused_decode_layer_reads_blocks_too(mixed_gguf, monkeypatch):
@@ -262,6 +279,58 @@ def test_blocks_are_used_in_place(mixed_gguf):
         assert (path == str(mixed_gguf.resolve())) != permuted, name
 
 
-def test_keeping_blocks_needs_a_gguf_file(tiny_checkpoints):
+def test_keeping_blocks_needs_a_gguf_file_and_a_compute_dtype_it_has(tiny_checkpoints):
     with pytest.raises(ValueError, match="is not a GGUF file"):
         AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], quantization_config=_keep())
+    with pytest.raises(ValueError, match="int8 activations"):
+        _keep(torch.bfloat16)
+
+
+def test_a_prompt_in_pieces_gives_the_whole_prompts_scores(mixed_gguf):
+    """A prompt in one call, or a cached prefix and the rest (both more rows than decoding: float32 tiles): the
+    same logits."""
+    from chatlm import DynamicCache
+
+    kept = AutoModelForCausalLM.from_pretrained(mixed_gguf, quantization_config=_keep())
+    kept.decode_fusion = None  # the fused layer sums in another order: compare the modules with themselves
+    ids = prompt(40)
+    with torch.no_grad():
+        whole = kept(ids).logits[0, -1]
+        cache = DynamicCache()
+        kept(ids[:, :20], past_key_values=cache, use_cache=True)
+        pieces = kept(ids[:, 20:], past_key_values=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_does_not_fit_is_refused_before_loading(mixed_gguf, monkeypatch):
+    """The memory plan (only the free-memory reading is replaced): float32 does not fit, the file's own blocks
+    do, and the error says so before any weight is read."""
+    from chatlm.loading import gguf_model, memory_plan
+
+    stored = memory_plan.plan_memory  # the real plans, to pick a free amount between the two
+    sizes = {}
+
+    def remember(model, dtype, stored_bytes):
+        plan = stored(model, dtype, stored_bytes)
+        sizes["kept" if stored_bytes else "float32"] = plan.total
+        return plan
+
+    monkeypatch.setattr(memory_plan, "plan_memory", remember)
+    AutoModelForCausalLM.from_pretrained(mixed_gguf, quantization_config=_keep())
+    AutoModelForCausalLM.from_pretrained(mixed_gguf)
+    assert sizes["kept"] < sizes["float32"] / 3
+    free = (sizes["kept"] + sizes["float32"]) // 2
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda device: free)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("weights read before the memory check")
+
+    monkeypatch.setattr(gguf_model, "read_gguf_tensors", no_reading)
+    with pytest.raises(memory_plan.NotEnoughMemoryError) as refused:
+        AutoModelForCausalLM.from_pretrained(mixed_gguf)
+    message = str(refused.value)
+    assert "float32" in message and "available" in message and "keep_gguf_blocks=True" in message
+    assert f"{free / 1e9:.1f} GB is available" in message
+    monkeypatch.setenv("CHATLM_MEMORY_CHECK", "0")
+    with pytest.raises(AssertionError, match="before the memory check"):  # the check skipped: loading starts
+        AutoModelForCausalLM.from_pretrained(mixed_gguf)

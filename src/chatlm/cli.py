@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError, TypeError, ImportError) as e:
+    except (OSError, ValueError, TypeError, ImportError, MemoryError) as e:
         # A bad model path, a corrupt file or a bad option: one line, no traceback (CHATLM_DEBUG=1 shows it).
         if os.environ.get("CHATLM_DEBUG"):
             raise

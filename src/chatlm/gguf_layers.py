@@ -7,15 +7,18 @@ IQ4_XS. A Q4_K_M file keeps its mix (Q4_K with Q6_K for some layers, Q8_0 where 
 that run are the file's weights, no requantization, and their bytes are used in place on the file's memory map
 (only Llama's q/k rows, stored permuted, are copied). Float tensors (norms, F16 matrices) load as usual.
 
-Compute (``chatlm.kernels.gguf_linear``): up to ``NATIVE_MAX_ROWS`` rows (decoding, a speculative check) go to the
-native kernel, which reads the blocks directly and rounds the activations to int8 in groups of 32 or 256 values
-as llama.cpp does (``lm_head`` to int16: the logits are the most sensitive product, where int8 can swap two close
-tokens; about float32's precision there); more rows (prefill) are a float matmul on weights dequantized a cache-sized tile at a time, in
-float32 (the file's weights exactly). ``compute_dtype=torch.bfloat16`` makes the tiles bfloat16 (a faster
-prefill, weights and activations rounded to bfloat16); ``compute_dtype=torch.float32`` runs the float32 tiles for
-decoding too: the dequantized model's results to float rounding (the oracle the tests hold it to). Without the native kernels (no compiler, a
-CPU without AVX2) the tiles are dequantized by `chatlm.loading`'s torch dequantizers, handed in as the weight's
-``float_rows``.
+Compute (``chatlm.kernels.gguf_linear``): decoding (up to ``NATIVE_MAX_ROWS`` rows: one token per sequence, or a
+speculative check) goes to the native kernel, which reads the blocks directly and rounds the activations to int8
+in groups of 32 or 256 values, as llama.cpp does (several rows share each decoded block). ``lm_head`` then
+computes its ``REFINE_TOP`` largest logits of each row again with int16 activations (float32's precision for all
+practical purposes): int8's error (~1% of a logit) can swap two close tokens, and the token picked, with the
+candidates near it, is what matters; the rest keep int8's values, for 1/2000 of the head's work. A prompt (more
+rows) is a float32 matmul on the weights dequantized a cache-sized tile at a time, bit for bit the file's values:
+its first token is the dequantized model's (int8 activations over a whole prompt flip the bundled model's first
+answer). ``compute_dtype=torch.float32`` runs the float32 tiles for decoding too: the dequantized model's results
+to float rounding (the oracle the tests hold the kernels to), at a fraction of the speed. Without the native
+kernels (no compiler, a CPU without AVX2) the tiles run always, dequantized by `chatlm.loading`'s torch
+dequantizers (handed in as the weight's ``float_rows``).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from .kernels.fused_llama import NativeWeight
 # GGML type ids of the block types kept as stored (ggml.h)
 KEPT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 KEPT_TYPES |= {"IQ4_NL": 20, "IQ4_XS": 23}
-NATIVE_MAX_ROWS = 16  # up to this many rows the block kernel; above, dequantized tiles and a float matmul
 TILE_VALUES = 1 << 19  # weights per dequantized tile: 2 MB of float32
+REFINE_TOP = 64  # the head's logits per row computed again with int16 activations (see the module docstring)
+NATIVE_MAX_ROWS = 16  # up to this many rows the block kernel; above, float32 tiles
 
 
 class StoredBlocks(Protocol):
@@ -86,9 +90,8 @@ class GGUFLinear(_Blocks):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
-        self.compute_dtype = compute_dtype  # None: the block kernel decodes, float32 tiles prefill
-        self._tile_dtype = compute_dtype or torch.float32
-        self.precise = False  # int16 activations in the block kernel (the head: see the module docstring)
+        self.compute_dtype = compute_dtype  # None: the block kernel; float32: dequantized tiles
+        self.refine_top = 0  # the head: its largest logits again with int16 activations (module docstring)
         self.register_buffer("qweight", None)  # (out, bytes per row) uint8: the file's blocks
 
     @property
@@ -110,7 +113,7 @@ class GGUFLinear(_Blocks):
     def native_weight(self) -> NativeWeight | None:
         """The operands for the fused decode layer (`chatlm.kernels.fused_llama`): ``bits`` 0 marks GGUF blocks,
         ``group`` their type id. None where the kernels do not run, or where this layer computes in float32."""
-        if self.qweight is None or not self._native or self.compute_dtype == torch.float32:
+        if self.qweight is None or not self._native or self.compute_dtype is not None:
             return None
         return NativeWeight(
             0, self.qweight, self.qweight, self.ggml_type, self.out_features, self.in_features, self.bias
@@ -120,8 +123,10 @@ class GGUFLinear(_Blocks):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         y = None
-        if self._native and self.compute_dtype != torch.float32 and x2.shape[0] <= NATIVE_MAX_ROWS:
-            y = kernels.gguf_linear(x2, self.qweight, self.ggml_type, self.in_features, self.precise)
+        if self._native and self.compute_dtype is None and x2.shape[0] <= NATIVE_MAX_ROWS:
+            y = kernels.gguf_linear(x2, self.qweight, self.ggml_type, self.in_features)
+            if y is not None and self.refine_top:
+                self._refine(x2, y)
         if y is None:
             y = self._tiled(x2)
         if y.dtype != x.dtype:
@@ -130,17 +135,25 @@ class GGUFLinear(_Blocks):
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def _refine(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Each row's ``refine_top`` largest outputs again, with int16 activations, in place."""
+        top = y.topk(min(self.refine_top, self.out_features), dim=-1).indices
+        for i in range(x.shape[0]):
+            rows = self.qweight.index_select(0, top[i])
+            exact = kernels.gguf_linear(x[i : i + 1], rows, self.ggml_type, self.in_features, precise=True)
+            y[i, top[i]] = exact[0]
+
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T in the compute dtype, W dequantized one tile of output channels at a time."""
+        """x @ W^T in float32, W dequantized one tile of output channels at a time."""
         n, k = self.weight_shape
-        x = x.to(self._tile_dtype)
+        x = x.float()
         step = min(n, max(16, TILE_VALUES // k // 16 * 16))
         tiles = [F.linear(x, self._rows(i, min(n, i + step)).to(x.dtype)) for i in range(0, n, step)]
         return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
 
     def extra_repr(self) -> str:
-        activations = "int16" if self.precise else "int8"
-        compute = self.compute_dtype or f"{activations} activations when decoding, float32 tiles for prefill"
+        refined = f", the top {self.refine_top} with int16" if self.refine_top else ""
+        compute = self.compute_dtype or f"int8 activations{refined}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {self.type_name} as stored, "
             f"compute {compute}"
@@ -197,7 +210,7 @@ def keep_gguf_modules(
             continue
         if isinstance(module, nn.Linear):
             new: nn.Module = GGUFLinear(module, compute_dtype)
-            new.precise = name == "lm_head"
+            new.refine_top = REFINE_TOP if name == "lm_head" else 0
         elif isinstance(module, nn.Embedding):
             new = GGUFEmbedding(module, dtype)
         else:

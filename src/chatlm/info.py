@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .loading.memory_plan import available_bytes
 from .models.config import ModelConfig
 
 # Bytes per parameter of the figures given for every model.
@@ -83,6 +84,10 @@ class ModelInfo:
     # per row of weights_bytes, with the KV cache of estimate_context_tokens
     decode_tokens_per_s: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    # memory free here now (the loader's memory plan reads the same; None: unknown), and per row of
+    # weights_bytes whether the weights and a KV cache of estimate_context_tokens fit in it
+    available_memory_bytes: int | None = None
+    fits: dict[str, bool] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,8 +186,12 @@ def model_info(
             "that, a cache that drops old entries needs the window for them, not the whole context (chatlm's "
             "cache keeps every token)"
         )
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info.available_memory_bytes = available_bytes(where)
+    if info.available_memory_bytes is not None:
+        kv = info.kv_bytes(context_tokens)
+        info.fits = {k: v + kv <= info.available_memory_bytes for k, v in weights.items()}
     if measure:
-        where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         info.bandwidth_device = str(where)
         info.bandwidth_bytes_per_s = memory_bandwidth(str(where))
         kv = info.kv_bytes(context_tokens)
@@ -420,12 +429,19 @@ def format_info(info: ModelInfo) -> str:
     shares = sorted(info.stored_types.items(), key=lambda kv: -kv[1])
     row("stored as", ", ".join(f"{k} {_share(v, info.total_parameters)}" for k, v in shares))
     speed = "est. decode" if info.decode_tokens_per_s else ""
-    lines.append(f"  {'weights':<15}{'memory':>10}{'per token':>12}{speed:>16}")
+    fits = "fits here" if info.fits else ""
+    lines.append(f"  {'weights':<15}{'memory':>10}{'per token':>12}{fits:>11}{speed:>16}")
     for key, size in info.weights_bytes.items():
         tps = info.decode_tokens_per_s.get(key)
+        fit = ("yes" if info.fits[key] else "no") if info.fits else ""
         lines.append(
-            f"    {key:<13}{_bytes(size):>10}{_bytes(info.active_weights_bytes[key]):>12}"
+            f"    {key:<13}{_bytes(size):>10}{_bytes(info.active_weights_bytes[key]):>12}{fit:>11}"
             + (f"{tps:>10.1f} tok/s" if tps is not None else "")
+        )
+    if info.available_memory_bytes is not None:
+        lines.append(
+            f"  memory available here: {_bytes(info.available_memory_bytes)} (fits: the weights and a KV cache of "
+            f"{info.estimate_context_tokens:,} tokens)"
         )
     if info.bandwidth_bytes_per_s:
         lines.append(
@@ -433,8 +449,8 @@ def format_info(info: ModelInfo) -> str:
             f"(weights per token + KV cache of {info.estimate_context_tokens:,} tokens); upper bounds"
         )
         lines.append(
-            "  chatlm computes with float32 or bfloat16 weights (quantized files are dequantized when loaded): "
-            "the other rows are what a reader of those formats would need"
+            "  chatlm runs each row: as stored (a GGUF's own blocks, the CLI's default for a .gguf), float32 / "
+            "bfloat16 (torch_dtype), 8-bit / 4-bit (QuantizationConfig)"
         )
     lines.extend(f"  note: {note}" for note in info.notes)
     return "\n".join(lines)

@@ -80,7 +80,14 @@ class QuantizationConfig:
                 raise ValueError(
                     f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {self.group_size!r}"
                 )
-        if not (self.keep_gguf_blocks and self.compute_dtype is None):  # None there: see chatlm.gguf_layers
+        if self.keep_gguf_blocks:  # None (int8 activations) or float32: see chatlm.gguf_layers
+            if self.compute_dtype is not None and _compute_dtype(self.compute_dtype) != torch.float32:
+                raise ValueError(
+                    "GGUF blocks kept as stored compute with int8 activations (the default, as llama.cpp does) or "
+                    f"in float32 (compute_dtype=torch.float32), not {self.compute_dtype}"
+                )
+            self.compute_dtype = None if self.compute_dtype is None else torch.float32
+        else:
             self.compute_dtype = _compute_dtype(self.compute_dtype)
         if self.skip_modules is not None and (
             isinstance(self.skip_modules, str) or not all(isinstance(s, str) for s in self.skip_modules)

@@ -194,6 +194,22 @@ static inline int values_per_block(int type) {
     return type == Q4_K || type == Q5_K || type == Q6_K || type == IQ4_XS ? 256 : 32;
 }
 
+static int block_bytes(int type) {
+    switch (type) {
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q5_0: return 22;
+    case Q5_1: return 24;
+    case Q8_0: return 34;
+    case IQ4_NL: return 18;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
+    case IQ4_XS: return 136;
+    }
+    return 0;
+}
+
 static inline int is_signed(int type) { return type == Q8_0 || type == IQ4_NL || type == IQ4_XS; }
 
 static int supported(int type) {
@@ -262,36 +278,34 @@ static inline __m256i pick_word(__m256i scales, int lo, int hi) {
     return _mm256_shuffle_epi8(scales, control);
 }
 
+/* The dot products below take T tokens (1, or TOKENS for prefill) per row of weights: each block is decoded once
+ * for all of them. Each token's result depends on that token alone (its own int8 rounding), so a prompt computed in
+ * one piece or in several (a prefix cache, a server's batches) gives the same numbers. */
+#define TOKENS 4
+
 /* One row of 256-value blocks (Q4_K, Q5_K, Q6_K, IQ4_XS) . x: integer sums over a block (each group's dot times
  * its integer scale), one float multiply-add per block; the offsets (mins) through x's 16-value sums. */
-static inline __attribute__((always_inline)) float row_dot_256(int type, const uint8_t *row, int bytes, qrow x,
-                                                               int64_t k) {
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.f;
+static inline __attribute__((always_inline)) void row_dot_256(int type, const uint8_t *row, int bytes,
+                                                              const qrow *x, const int T, int64_t k, float *out) {
+    __m256 acc[TOKENS];
+    float offset[TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), offset[t] = 0.f;
     __m256i v[8];
     for (int64_t blk = 0; blk < k / 256; blk++) {
         const uint8_t *b = row + blk * bytes;
-        const int8_t *xq = x.q + blk * 256;
-        const __m256i sums16 = _mm256_loadu_si256((const __m256i *)(x.sums + blk * 16));
         values(type, b, v);
-        __m256i total = _mm256_setzero_si256();
-        float d, block_offset = 0.f;
+        float d;
+        __m256i scales, sc16 = _mm256_setzero_si256(), m16 = _mm256_setzero_si256(), second = scales;
         if (type == Q6_K) {
             d = f16(b + 208);
-            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
-            const __m256i first = _mm256_permute2x128_si256(sc16, sc16, 0x00);  /* scales 0-7, both lanes */
-            const __m256i second = _mm256_permute2x128_si256(sc16, sc16, 0x11); /* scales 8-15 */
-            for (int g = 0; g < 8; g++) {
-                const __m256i scale = pick_word(g < 4 ? first : second, 2 * (g % 4), 2 * (g % 4) + 1);
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * g));
-                total = _mm256_add_epi32(total, _mm256_madd_epi16(pairs_u8(v[g], xv), scale));
-            }
-            block_offset = -32.f * d * (float)sum8i(_mm256_madd_epi16(sc16, sums16));
+            sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+            scales = _mm256_permute2x128_si256(sc16, sc16, 0x00); /* scales 0-7, both lanes */
+            second = _mm256_permute2x128_si256(sc16, sc16, 0x11); /* scales 8-15 */
         } else {
-            uint32_t w[3], sc[2], mn[2];
+            uint32_t w[3], sc[2], mn[2] = {0, 0};
             memcpy(w, b + 4, 12);
+            d = f16(b);
             if (type == IQ4_XS) {
-                d = f16(b);
                 uint16_t high;
                 memcpy(&high, b + 2, 2);
                 uint8_t ls[8];
@@ -299,49 +313,64 @@ static inline __attribute__((always_inline)) float row_dot_256(int type, const u
                     ls[g] = (uint8_t)(((b[4 + g / 2] >> (4 * (g % 2))) & 15) | (((high >> (2 * g)) & 3) << 4));
                 memcpy(sc, ls, 8);
             } else { /* Q4_K, Q5_K: 6-bit scales and mins of 8 groups in 12 bytes */
-                d = f16(b);
                 sc[0] = w[0] & 0x3f3f3f3fu;
                 sc[1] = (w[2] & 0x0f0f0f0fu) | ((w[0] >> 2) & 0x30303030u);
                 mn[0] = w[1] & 0x3f3f3f3fu;
                 mn[1] = ((w[2] >> 4) & 0x0f0f0f0fu) | ((w[1] >> 2) & 0x30303030u);
             }
-            __m128i sc8 = _mm_loadl_epi64((const __m128i *)sc);
-            __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
+            scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
             if (type == IQ4_XS) scales = _mm256_sub_epi16(scales, _mm256_set1_epi16(32));
+            const __m128i m8 = _mm_loadl_epi64((const __m128i *)mn);
+            m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)); /* each min twice: per 16 values */
+        }
+        const float dmin = type == Q4_K || type == Q5_K ? f16(b + 2) : 0.f;
+        for (int t = 0; t < T; t++) {
+            const int8_t *xq = x[t].q + blk * 256;
+            const __m256i sums16 = _mm256_loadu_si256((const __m256i *)(x[t].sums + blk * 16));
+            __m256i total = _mm256_setzero_si256();
+            float block_offset = 0.f;
             for (int g = 0; g < 8; g++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * g));
-                const __m256i p = type == IQ4_XS ? pairs_s8(v[g], xv) : pairs_u8(v[g], xv);
-                total = _mm256_add_epi32(total, _mm256_madd_epi16(p, pick_word(scales, g, g)));
+                __m256i p, scale;
+                if (type == Q6_K) {
+                    p = pairs_u8(v[g], xv);
+                    scale = pick_word(g < 4 ? scales : second, 2 * (g % 4), 2 * (g % 4) + 1);
+                } else {
+                    p = type == IQ4_XS ? pairs_s8(v[g], xv) : pairs_u8(v[g], xv);
+                    scale = pick_word(scales, g, g);
+                }
+                total = _mm256_add_epi32(total, _mm256_madd_epi16(p, scale));
             }
-            if (type != IQ4_XS) { /* - dmin * sum over groups of min * (sum of x in the group) */
-                const __m128i m8 = _mm_loadl_epi64((const __m128i *)mn);
-                const __m256i m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)); /* each min twice */
-                block_offset = -f16(b + 2) * (float)sum8i(_mm256_madd_epi16(m16, sums16));
-            }
+            if (type == Q6_K) block_offset = -32.f * d * (float)sum8i(_mm256_madd_epi16(sc16, sums16));
+            if (type == Q4_K || type == Q5_K) /* - dmin * sum over groups of min * (sum of x in the group) */
+                block_offset = -dmin * (float)sum8i(_mm256_madd_epi16(m16, sums16));
+            const float s = x[t].scale[blk];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(d * s), acc[t]);
+            offset[t] += block_offset * s;
         }
-        const float s = x.scale[blk];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(d * s), acc);
-        offset += block_offset * s;
     }
-    return sum8f(acc) + offset;
+    for (int t = 0; t < T; t++) out[t] = sum8f(acc[t]) + offset[t];
 }
 
 /* One row of 32-value blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) . x: a float multiply-add per block. */
-static inline __attribute__((always_inline)) float row_dot_32(int type, const uint8_t *row, int bytes, qrow x,
-                                                              int64_t k) {
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.f;
+static inline __attribute__((always_inline)) void row_dot_32(int type, const uint8_t *row, int bytes, const qrow *x,
+                                                             const int T, int64_t k, float *out) {
+    __m256 acc[TOKENS];
+    float offset[TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), offset[t] = 0.f;
     decoded o;
     for (int64_t blk = 0; blk < k / 32; blk++) {
         decode(type, row + blk * bytes, &o);
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x.q + blk * 32));
-        const __m256i p = is_signed(type) ? pairs_s8(o.v[0], xv) : pairs_u8(o.v[0], xv);
-        const __m256i dots = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-        const float s = x.scale[blk];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(o.a[0] * s), acc);
-        if (!is_signed(type)) offset += o.b[0] * s * (float)(x.sums[2 * blk] + x.sums[2 * blk + 1]);
+        for (int t = 0; t < T; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x[t].q + blk * 32));
+            const __m256i p = is_signed(type) ? pairs_s8(o.v[0], xv) : pairs_u8(o.v[0], xv);
+            const __m256i dots = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+            const float s = x[t].scale[blk];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(o.a[0] * s), acc[t]);
+            if (!is_signed(type)) offset[t] += o.b[0] * s * (float)(x[t].sums[2 * blk] + x[t].sums[2 * blk + 1]);
+        }
     }
-    return sum8f(acc) + offset;
+    for (int t = 0; t < T; t++) out[t] = sum8f(acc[t]) + offset[t];
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -360,45 +389,42 @@ static inline __m512i scale_pair(__m512i scales, int a, int b) {
     return _mm512_permutexvar_epi16(idx, scales);
 }
 
-static inline __attribute__((always_inline)) float row_dot_k_512(int type, const uint8_t *row, int bytes, qrow x,
-                                                                 int64_t k) {
+static inline __attribute__((always_inline)) void row_dot_k_512(int type, const uint8_t *row, int bytes,
+                                                                const qrow *x, const int T, int64_t k, float *out) {
     const __m512i low = _mm512_set1_epi8(15);
-    __m512 acc = _mm512_setzero_ps();
-    float offset = 0.f;
+    __m512 acc[TOKENS];
+    float offset[TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps(), offset[t] = 0.f;
+    __m512i v[4], scale[4]; /* a block: 4 x 64 values, and the int16 scale of each value's group */
     for (int64_t blk = 0; blk < k / 256; blk++) {
         const uint8_t *b = row + blk * bytes;
-        const int8_t *xq = x.q + blk * 256;
-        const __m256i sums16 = _mm256_loadu_si256((const __m256i *)(x.sums + blk * 16));
-        __m512i total = _mm512_setzero_si512();
-        float d, block_offset;
+        float d, dmin = 0.f;
+        __m256i per16; /* each 16 values' integer factor for the offsets: Q6_K's scales, Q4_K / Q5_K's mins */
         if (type == Q6_K) {
             d = f16(b + 208);
-            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
-            const __m512i scales = _mm512_castsi256_si512(sc16);
+            per16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+            const __m512i scales = _mm512_castsi256_si512(per16);
             const __m512i three = _mm512_set1_epi8(3);
-            for (int half = 0; half < 2; half++) {
+            for (int half = 0; half < 2; half++) { /* v: values 0-63 and 64-127 of each half, in order */
                 const __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * half));
                 const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
                 const __m512i qh01 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
                 const __m512i qh23 = _mm512_srli_epi16(qh01, 4);
-                const __m512i lo = _mm512_or_si512(_mm512_and_si512(ql, low),
-                                                   _mm512_slli_epi16(_mm512_and_si512(qh01, three), 4));
-                const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low),
-                                                   _mm512_slli_epi16(_mm512_and_si512(qh23, three), 4));
-                const int s0 = 8 * half; /* scales per 16 values: lo holds 0-63 of this half, hi 64-127 */
-                const __m512i idx_lo = _mm512_set_epi16(s0 + 3, s0 + 3, s0 + 3, s0 + 3, s0 + 3, s0 + 3, s0 + 3, s0 + 3,
-                                                        s0 + 2, s0 + 2, s0 + 2, s0 + 2, s0 + 2, s0 + 2, s0 + 2, s0 + 2,
-                                                        s0 + 1, s0 + 1, s0 + 1, s0 + 1, s0 + 1, s0 + 1, s0 + 1, s0 + 1,
-                                                        s0, s0, s0, s0, s0, s0, s0, s0);
-                const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(4));
-                const __m512i x_lo = _mm512_loadu_si512((const void *)(xq + 128 * half));
-                const __m512i x_hi = _mm512_loadu_si512((const void *)(xq + 128 * half + 64));
-                total = _mm512_dpwssd_epi32(total, _mm512_maddubs_epi16(lo, x_lo), _mm512_permutexvar_epi16(idx_lo, scales));
-                total = _mm512_dpwssd_epi32(total, _mm512_maddubs_epi16(hi, x_hi), _mm512_permutexvar_epi16(idx_hi, scales));
+                v[2 * half] = _mm512_or_si512(_mm512_and_si512(ql, low),
+                                              _mm512_slli_epi16(_mm512_and_si512(qh01, three), 4));
+                v[2 * half + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low),
+                                                  _mm512_slli_epi16(_mm512_and_si512(qh23, three), 4));
+                const int s0 = 8 * half; /* scales per 16 values */
+                const __m512i idx = _mm512_set_epi16(s0 + 3, s0 + 3, s0 + 3, s0 + 3, s0 + 3, s0 + 3, s0 + 3, s0 + 3,
+                                                     s0 + 2, s0 + 2, s0 + 2, s0 + 2, s0 + 2, s0 + 2, s0 + 2, s0 + 2,
+                                                     s0 + 1, s0 + 1, s0 + 1, s0 + 1, s0 + 1, s0 + 1, s0 + 1, s0 + 1,
+                                                     s0, s0, s0, s0, s0, s0, s0, s0);
+                scale[2 * half] = _mm512_permutexvar_epi16(idx, scales);
+                scale[2 * half + 1] = _mm512_permutexvar_epi16(_mm512_add_epi16(idx, _mm512_set1_epi16(4)), scales);
             }
-            block_offset = -32.f * d * (float)sum8i(_mm256_madd_epi16(sc16, sums16));
-        } else { /* Q4_K, Q5_K */
+        } else { /* Q4_K, Q5_K: v[c] holds groups (0, 2), (1, 3), (4, 6), (5, 7) (x is laid out to match) */
             d = f16(b);
+            dmin = f16(b + 2);
             uint32_t w[3], sc[2], mn[2];
             memcpy(w, b + 4, 12);
             sc[0] = w[0] & 0x3f3f3f3fu;
@@ -408,61 +434,58 @@ static inline __attribute__((always_inline)) float row_dot_k_512(int type, const
             const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
             const uint8_t *qs = b + (type == Q4_K ? 16 : 48);
             const __m512i q0 = _mm512_loadu_si512((const void *)qs), q1 = _mm512_loadu_si512((const void *)(qs + 64));
-            __m512i v[4] = {_mm512_and_si512(q0, low), _mm512_and_si512(_mm512_srli_epi16(q0, 4), low),
-                            _mm512_and_si512(q1, low), _mm512_and_si512(_mm512_srli_epi16(q1, 4), low)};
-            if (type == Q5_K) { /* group g's fifth bits: bit g of qh[l]; v[c] holds groups (a, a + 2) */
+            v[0] = _mm512_and_si512(q0, low);
+            v[1] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), low);
+            v[2] = _mm512_and_si512(q1, low);
+            v[3] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), low);
+            if (type == Q5_K) { /* group g's fifth bits: bit g of qh[l] */
                 const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
                 const __m512i sixteen = _mm512_set1_epi8(16);
                 static const int first[4] = {0, 1, 4, 5};
                 for (int c = 0; c < 4; c++) {
                     const __m512i bits = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << first[c])),
                                                             _mm256_set1_epi8((char)(1 << (first[c] + 2))), 1);
-                    v[c] = _mm512_mask_or_epi32(v[c], 0xffff, v[c],
-                                                _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(qh, bits), sixteen));
+                    v[c] = _mm512_or_si512(v[c], _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(qh, bits), sixteen));
                 }
             }
             static const int pair[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+            for (int c = 0; c < 4; c++) scale[c] = scale_pair(scales, pair[c][0], pair[c][1]);
+            const __m128i m8 = _mm_loadl_epi64((const __m128i *)mn);
+            per16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)); /* each min twice */
+        }
+        /* offsets: Q6_K's values are u - 32, so - 32 d sum(scale * x); Q4_K's and Q5_K's - dmin sum(min * x) */
+        const float per16_factor = type == Q6_K ? -32.f * d : -dmin;
+        for (int t = 0; t < T; t++) {
+            const int8_t *xq = x[t].q + blk * 256;
+            __m512i total = _mm512_setzero_si512();
             for (int c = 0; c < 4; c++) {
                 const __m512i xv = _mm512_loadu_si512((const void *)(xq + 64 * c));
-                total = _mm512_dpwssd_epi32(total, _mm512_maddubs_epi16(v[c], xv),
-                                            scale_pair(scales, pair[c][0], pair[c][1]));
+                total = _mm512_dpwssd_epi32(total, _mm512_maddubs_epi16(v[c], xv), scale[c]);
             }
-            const __m128i m8 = _mm_loadl_epi64((const __m128i *)mn);
-            const __m256i m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)); /* each min twice */
-            block_offset = -f16(b + 2) * (float)sum8i(_mm256_madd_epi16(m16, sums16));
+            const __m256i sums16 = _mm256_loadu_si256((const __m256i *)(x[t].sums + blk * 16));
+            const float s = x[t].scale[blk];
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(d * s), acc[t]);
+            offset[t] += per16_factor * (float)sum8i(_mm256_madd_epi16(per16, sums16)) * s;
         }
-        const float s = x.scale[blk];
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(d * s), acc);
-        offset += block_offset * s;
     }
-    return _mm512_reduce_add_ps(acc) + offset;
+    for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(acc[t]) + offset[t];
 }
 #else
 static inline int interleaved_x(int type) { (void)type; return 0; }
 #endif
 
-static inline __attribute__((always_inline)) float row_dot(int type, const uint8_t *row, int bytes, qrow x,
-                                                           int64_t k) {
+static inline __attribute__((always_inline)) void row_dot(int type, const uint8_t *row, int bytes, const qrow *x,
+                                                          const int T, int64_t k, float *out) {
 #ifdef K_512
-    if (type == Q4_K || type == Q5_K || type == Q6_K) return row_dot_k_512(type, row, bytes, x, k);
-#endif
-    return values_per_block(type) == 256 ? row_dot_256(type, row, bytes, x, k) : row_dot_32(type, row, bytes, x, k);
-}
-
-static int block_bytes(int type) {
-    switch (type) {
-    case Q4_0: return 18;
-    case Q4_1: return 20;
-    case Q5_0: return 22;
-    case Q5_1: return 24;
-    case Q8_0: return 34;
-    case IQ4_NL: return 18;
-    case Q4_K: return 144;
-    case Q5_K: return 176;
-    case Q6_K: return 210;
-    case IQ4_XS: return 136;
+    if (type == Q4_K || type == Q5_K || type == Q6_K) {
+        row_dot_k_512(type, row, bytes, x, T, k, out);
+        return;
     }
-    return 0;
+#endif
+    if (values_per_block(type) == 256)
+        row_dot_256(type, row, bytes, x, T, k, out);
+    else
+        row_dot_32(type, row, bytes, x, T, k, out);
 }
 
 /* The precise variant: activations rounded to int16 per 32 values (about float32's precision for a sum: a
@@ -547,8 +570,14 @@ static row_dot_precise_fn row_dot_precise_for(int type) {
     return NULL;
 }
 
+/* Per type: one token, and TOKENS at once */
 #define ROW_DOT(T)                                                                                              \
-    static float row_dot_##T(const uint8_t *row, qrow x, int64_t k) { return row_dot(T, row, block_bytes(T), x, k); }
+    static void row_dot_##T(const uint8_t *row, const qrow *x, int n, int64_t k, float *out) {               \
+        if (n == 1)                                                                                             \
+            row_dot(T, row, block_bytes(T), x, 1, k, out);                                                      \
+        else                                                                                                    \
+            row_dot(T, row, block_bytes(T), x, TOKENS, k, out);                                                 \
+    }
 ROW_DOT(Q4_0)
 ROW_DOT(Q4_1)
 ROW_DOT(Q5_0)
@@ -560,7 +589,7 @@ ROW_DOT(Q6_K)
 ROW_DOT(IQ4_NL)
 ROW_DOT(IQ4_XS)
 
-typedef float (*row_dot_fn)(const uint8_t *, qrow, int64_t);
+typedef void (*row_dot_fn)(const uint8_t *, const qrow *, int, int64_t, float *);
 
 static row_dot_fn row_dot_for(int type) {
     switch (type) {
@@ -619,12 +648,28 @@ int chatlm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, i
             memcpy(q + c + 64, tmp + 32, 32);
         }
     const row_dot_fn dot = row_dot_for(type);
+    if (m == 1) {
+        const qrow x0 = {q, scale, sums};
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t t = 0; t < m; t++) {
-            const qrow xr = {q + t * k, scale + t * k / group, sums + t * k / 16};
-            y[t * n + r] = dot(w + r * row_bytes, xr, k);
-        }
+        for (int64_t r = 0; r < n; r++) dot(w + r * row_bytes, &x0, 1, k, y + r);
+    } else {
+        /* tiles of ROW_TILE rows (their blocks stay in cache) x TOKENS tokens (each block decoded once for them) */
+        enum { ROW_TILE = 16 };
+#pragma omp parallel for schedule(static)
+        for (int64_t r0 = 0; r0 < n; r0 += ROW_TILE)
+            for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
+                qrow xs[TOKENS];
+                for (int i = 0; i < TOKENS; i++) { /* past the last token: it again, its results dropped */
+                    const int64_t t = t0 + i < m ? t0 + i : m - 1;
+                    xs[i] = (qrow){q + t * k, scale + t * k / group, sums + t * k / 16};
+                }
+                for (int64_t r = r0; r < n && r < r0 + ROW_TILE; r++) {
+                    float out[TOKENS];
+                    dot(w + r * row_bytes, xs, TOKENS, k, out);
+                    for (int i = 0; i < TOKENS && t0 + i < m; i++) y[(t0 + i) * n + r] = out[i];
+                }
+            }
+    }
     free(q);
     return 1;
 #else

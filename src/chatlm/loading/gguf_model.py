@@ -317,6 +317,13 @@ def kept_names(reader: GGUFFile, config: dict[str, Any], types: Collection[str])
     return names
 
 
+def tensor_bytes(reader: GGUFFile) -> dict[str, int]:
+    """Hugging Face name -> bytes of that tensor in the file."""
+    arch = field_value(reader, "general.architecture")
+    named = ((hf_name(t.name, arch), t.n_bytes) for t in reader.tensors)
+    return {name: n for name, n in named if name is not None}
+
+
 def _permuted_heads(arch: str, name: str, config: dict[str, Any]) -> int | None:
     """Heads of a q/k projection that llama.cpp stores with its rows permuted (None: stored as it is)."""
     if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "q_proj.bias")):

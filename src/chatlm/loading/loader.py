@@ -18,7 +18,7 @@ from ..models.base import CausalLM
 from ..models.config import ModelConfig
 from ..parallel import tensor_parallel
 from ..quantization import QuantizationConfig, check_quantization, quantize_modules, quantized_slots
-from . import gguf_model
+from . import gguf_model, memory_plan
 from .gguf_blocks import GGUFBlocks
 from .parts import PartAssembler
 from .resolve import ResolvedModel, resolve_model
@@ -248,6 +248,10 @@ def load_model(
     elif quantization is not None:
         quantize_modules(model, quantization, torch_dtype)
     shards = tensor_parallel.shard_specs(model, tp) if tp is not None else {}
+    if tp is None:  # before anything is allocated (a rank's share is left to the ranks)
+        _check_memory(
+            model, torch_dtype, quantization, device, resolved, reader if resolved.kind == "gguf" else None
+        )
     if resolved.kind == "gguf":
         # GGUF blocks go as they are to the modules that keep them: as stored (keep_gguf_blocks), or as int4
         # (Q4_0/Q4_1/Q4_K with load_in_4bit)
@@ -273,6 +277,17 @@ def load_model(
         model.generation_config = generation_config
     model.name_or_path = str(resolved.path)
     return model.eval()
+
+
+def _check_memory(model, dtype, quantization, device, resolved, reader) -> None:
+    stored = gguf_model.tensor_bytes(reader) if reader is not None else {}
+    in_place = quantization is not None and quantization.keep_gguf_blocks
+    plan = memory_plan.plan_memory(model, dtype, stored if in_place else {})
+    asked = f"in {str(dtype).replace('torch.', '')}"
+    if quantization is not None:
+        asked = f"with {quantization.requested} weights" + ("" if in_place else f" ({asked} elsewhere)")
+    gguf_bytes = sum(stored.values()) if reader is not None else None
+    memory_plan.check_memory(plan, device, asked, resolved.name, gguf_bytes)
 
 
 def _progress(items, description: str, total: int | None):
