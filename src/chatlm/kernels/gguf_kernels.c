@@ -282,6 +282,9 @@ static inline __m256i pick_word(__m256i scales, int lo, int hi) {
  * for all of them. Each token's result depends on that token alone (its own int8 rounding), so a prompt computed in
  * one piece or in several (a prefix cache, a server's batches) gives the same numbers. */
 #define TOKENS 4
+#ifndef PREFETCH
+#define PREFETCH 4096
+#endif
 
 /* One row of 256-value blocks (Q4_K, Q5_K, Q6_K, IQ4_XS) . x: integer sums over a block (each group's dot times
  * its integer scale), one float multiply-add per block; the offsets (mins) through x's 16-value sums. */
@@ -293,6 +296,7 @@ static inline __attribute__((always_inline)) void row_dot_256(int type, const ui
     __m256i v[8];
     for (int64_t blk = 0; blk < k / 256; blk++) {
         const uint8_t *b = row + blk * bytes;
+        for (int line = 0; line < bytes; line += 64) _mm_prefetch((const char *)b + PREFETCH + line, _MM_HINT_T0);
         values(type, b, v);
         float d;
         __m256i scales, sc16 = _mm256_setzero_si256(), m16 = _mm256_setzero_si256(), second = scales;
@@ -360,6 +364,7 @@ static inline __attribute__((always_inline)) void row_dot_32(int type, const uin
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), offset[t] = 0.f;
     decoded o;
     for (int64_t blk = 0; blk < k / 32; blk++) {
+        _mm_prefetch((const char *)row + blk * bytes + PREFETCH, _MM_HINT_T0); /* blocks under 64 bytes */
         decode(type, row + blk * bytes, &o);
         for (int t = 0; t < T; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(x[t].q + blk * 32));
@@ -393,11 +398,14 @@ static inline __attribute__((always_inline)) void row_dot_k_512(int type, const 
                                                                 const qrow *x, const int T, int64_t k, float *out) {
     const __m512i low = _mm512_set1_epi8(15);
     __m512 acc[TOKENS];
-    float offset[TOKENS];
-    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps(), offset[t] = 0.f;
+    __m256 offset[TOKENS]; /* per 16-value lane: the offsets, summed once at the end */
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps(), offset[t] = _mm256_setzero_ps();
     __m512i v[4], scale[4]; /* a block: 4 x 64 values, and the int16 scale of each value's group */
     for (int64_t blk = 0; blk < k / 256; blk++) {
         const uint8_t *b = row + blk * bytes;
+        /* the weights stream from memory once: ask for them PREFETCH bytes ahead, past page boundaries (where the
+         * hardware's prefetchers stop) and across rows */
+        for (int line = 0; line < bytes; line += 64) _mm_prefetch((const char *)b + PREFETCH + line, _MM_HINT_T0);
         float d, dmin = 0.f;
         __m256i per16; /* each 16 values' integer factor for the offsets: Q6_K's scales, Q4_K / Q5_K's mins */
         if (type == Q6_K) {
@@ -465,10 +473,11 @@ static inline __attribute__((always_inline)) void row_dot_k_512(int type, const 
             const __m256i sums16 = _mm256_loadu_si256((const __m256i *)(x[t].sums + blk * 16));
             const float s = x[t].scale[blk];
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(d * s), acc[t]);
-            offset[t] += per16_factor * (float)sum8i(_mm256_madd_epi16(per16, sums16)) * s;
+            offset[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(per16, sums16)),
+                                        _mm256_set1_ps(per16_factor * s), offset[t]);
         }
     }
-    for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(acc[t]) + offset[t];
+    for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(acc[t]) + sum8f(offset[t]);
 }
 #else
 static inline int interleaved_x(int type) { (void)type; return 0; }
