@@ -31,9 +31,22 @@ DEFAULT_BIN = Path(os.environ.get("LLAMACPP_BUILD", Path.home() / ".cache" / "ll
 def llama_bench(binary: Path, path: Path, threads: int, repeats: int) -> dict[str, float]:
     """llama.cpp's pp512 and tg128 at depth 512 (tokens/s, the mean of its repeats)."""
     result = {}
-    for key, args in (("prefill", ["-p", "512", "-n", "0"]), ("decode", ["-p", "0", "-n", "128", "-d", "512"])):
+    for key, args in (
+        ("prefill", ["-p", "512", "-n", "0"]),
+        ("decode", ["-p", "0", "-n", "128", "-d", "512"]),
+    ):
         out = subprocess.run(
-            [str(binary / "llama-bench"), "-m", str(path), "-t", str(threads), "-r", str(repeats), "-o", "json"]
+            [
+                str(binary / "llama-bench"),
+                "-m",
+                str(path),
+                "-t",
+                str(threads),
+                "-r",
+                str(repeats),
+                "-o",
+                "json",
+            ]
             + args,
             capture_output=True,
             text=True,
@@ -77,7 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--llama-bin", type=Path, default=DEFAULT_BIN)
-    parser.add_argument("--files", default="", help="comma-separated names without .gguf (default: all there)")
+    parser.add_argument(
+        "--files", default="", help="comma-separated names without .gguf (default: all there)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -91,14 +106,18 @@ def main() -> None:
         ours = chatlm_bench(path, args.threads, args.repeats)
         size_mib = path.stat().st_size / 2**20
         decode = f"{ours['decode']:.1f} / {theirs['decode']:.1f} = {ours['decode'] / theirs['decode']:.2f}x"
-        prefill = f"{ours['prefill']:.0f} / {theirs['prefill']:.0f} = {ours['prefill'] / theirs['prefill']:.2f}x"
+        prefill = (
+            f"{ours['prefill']:.0f} / {theirs['prefill']:.0f} = {ours['prefill'] / theirs['prefill']:.2f}x"
+        )
         rss = f"{ours['peak_rss_mib']:.0f} / {size_mib:.0f} MiB"
         print(f"{name:<26}{decode:>36}{prefill:>30}{ours['load_s']:>9.2f}{rss:>18}", flush=True)
     largest = max((args.dir / f"{n}.gguf" for n in names), key=lambda p: p.stat().st_size)
     start = time.perf_counter()
     seconds, message = refusal_seconds(largest)
-    print(f"float32 refusal of {largest.name}: {seconds:.2f} s in from_pretrained "
-          f"({time.perf_counter() - start:.1f} s with the interpreter's start)\n  {message}")
+    print(
+        f"float32 refusal of {largest.name}: {seconds:.2f} s in from_pretrained "
+        f"({time.perf_counter() - start:.1f} s with the interpreter's start)\n  {message}"
+    )
 
 
 if __name__ == "__main__":

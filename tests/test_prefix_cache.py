@@ -371,7 +371,8 @@ def test_a_saved_chat_restores_its_cache_only_for_the_same_model(tiny_checkpoint
 
 def test_cli_chat_saves_and_resumes_with_its_cache(tmp_path):
     kept = tmp_path / "chat.safetensors"
-    args = ("chat", "--max-new-tokens", "12", "--quantization", "none")  # float32: see test_cli_chat_reuses...
+    # float32 weights: see test_cli_chat_reuses_and_says_so
+    args = ("chat", "--max-new-tokens", "12", "--quantization", "none")
     whole = chatlm(*args, "--cache-ram", "0", stdin="\n".join(TURNS[:3]) + "\n")
     first = chatlm(*args, "--save", str(kept), stdin="\n".join(TURNS[:2]) + "\n")
     assert first.returncode == 0 and kept.exists(), first.stderr
