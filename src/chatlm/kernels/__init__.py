@@ -216,12 +216,27 @@ def gguf_linear(
     return y if done else None
 
 
-def gguf_dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor | None:
-    """GGUF blocks (n, bytes per row) uint8 as float32 (n, k), bit for bit the dequantizer's values."""
-    if not _usable(blocks) or blocks.stride(-1) != 1:
+def gguf_dequantize(
+    blocks: torch.Tensor, ggml_type: int, in_features: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor | None:
+    """GGUF blocks (n, bytes per row) uint8 as float32 (n, k), bit for bit the dequantizer's values, or as those
+    values rounded to bfloat16."""
+    if not _usable(blocks) or blocks.stride(-1) != 1 or dtype not in _FLOAT:
         return None
-    out = torch.empty(blocks.shape[0], in_features, dtype=torch.float32)
+    out = torch.empty(blocks.shape[0], in_features, dtype=dtype)
     done = native.library().chatlm_gguf_dequantize(
-        _addr(blocks), ggml_type, blocks.stride(0), blocks.shape[0], in_features, _addr(out)
+        _addr(blocks),
+        ggml_type,
+        blocks.stride(0),
+        blocks.shape[0],
+        in_features,
+        _addr(out),
+        dtype == torch.bfloat16,
     )
     return out if done else None
+
+
+def fast_bfloat16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX-512 BF16 or AMX): there a bfloat16 matmul runs
+    ~2.6x float32's; elsewhere torch emulates it, slower than float32."""
+    return bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags())

@@ -712,7 +712,19 @@ int chatlm_gguf_matmul_precise(const float *x, int64_t m, int64_t k, const uint8
 
 /* Rows [0, n) of W dequantized to float32 (n, k), with the dequantizer's own roundings (a * (u - zero), or
  * a * u + b), so bit for bit its values (the tests check it against chatlm.loading.gguf_dequant). */
-int chatlm_gguf_dequantize(const uint8_t *w, int type, int64_t row_bytes, int64_t n, int64_t k, float *out) {
+#ifdef GGUF_SIMD
+/* Eight float32 to bfloat16, rounded to nearest even (the values are finite: scales times small integers). */
+static inline __m128i to_bf16(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+#endif
+
+/* Rows of blocks dequantized to float32 (bf16 = 0: bit for bit the reference dequantizer's values) or to
+   bfloat16 (bf16 = 1: those values rounded to nearest even, for a bfloat16 matmul). */
+int chatlm_gguf_dequantize(const uint8_t *w, int type, int64_t row_bytes, int64_t n, int64_t k, void *out, int bf16) {
 #ifdef GGUF_SIMD
     if (!supported(type) || k % values_per_block(type)) return 0;
     const int per = values_per_block(type), groups = per / 32, bytes = block_bytes(type);
@@ -722,7 +734,7 @@ int chatlm_gguf_dequantize(const uint8_t *w, int type, int64_t row_bytes, int64_
         for (int64_t blk = 0; blk < k / per; blk++) {
             decode(type, w + r * row_bytes + blk * bytes, &o);
             for (int g = 0; g < groups; g++) {
-                float *dst = out + r * k + blk * per + g * 32;
+                const int64_t at = r * k + blk * per + g * 32;
                 for (int half = 0; half < 2; half++) {
                     const __m128i bytes16 = half ? _mm256_extracti128_si256(o.v[g], 1) : _mm256_castsi256_si128(o.v[g]);
                     for (int e = 0; e < 2; e++) {
@@ -735,7 +747,10 @@ int chatlm_gguf_dequantize(const uint8_t *w, int type, int64_t row_bytes, int64_
                         else
                             v = _mm256_add_ps(_mm256_mul_ps(a, _mm256_cvtepi32_ps(ints)),
                                               _mm256_set1_ps(o.b[2 * g + half]));
-                        _mm256_storeu_ps(dst + 16 * half + 8 * e, v);
+                        if (bf16)
+                            _mm_storeu_si128((__m128i *)((uint16_t *)out + at + 16 * half + 8 * e), to_bf16(v));
+                        else
+                            _mm256_storeu_ps((float *)out + at + 16 * half + 8 * e, v);
                     }
                 }
             }
@@ -743,7 +758,7 @@ int chatlm_gguf_dequantize(const uint8_t *w, int type, int64_t row_bytes, int64_
     }
     return 1;
 #else
-    (void)w, (void)type, (void)row_bytes, (void)n, (void)k, (void)out;
+    (void)w, (void)type, (void)row_bytes, (void)n, (void)k, (void)out, (void)bf16;
     return 0;
 #endif
 }

@@ -48,7 +48,7 @@ SIGNATURES = {
     "chatlm_gguf_supports": [_int],
     "chatlm_gguf_matmul": [_ptr, _i64, _i64, _ptr, _int, _i64, _i64, _ptr],
     "chatlm_gguf_matmul_precise": [_ptr, _i64, _i64, _ptr, _int, _i64, _i64, _ptr],
-    "chatlm_gguf_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr],
+    "chatlm_gguf_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
     "chatlm_llama_decode_layer": [
         _ptr,
         _i64,
@@ -101,6 +101,17 @@ def _cpu_signature() -> str:
         return "\n".join(sorted(set(lines)))
     except OSError:
         return platform.processor() + platform.machine()
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (empty elsewhere)."""
+    if "flags" not in _state:
+        flags: set[str] = set()
+        for line in _cpu_signature().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.partition(":")[2].split())
+        _state["flags"] = frozenset(flags)
+    return _state["flags"]
 
 
 def _build(compiler: str) -> Path:
