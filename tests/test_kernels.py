@@ -224,36 +224,50 @@ def test_int4_linear_reads_torch_layout_exactly(group, scale_dtype, m):
     )  # bfloat16 activations: torch's kernel
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2"])
-@pytest.mark.parametrize("bits", [4, 8])
+FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "olmo2")
+
+
+@pytest.mark.parametrize(
+    "variant,bits",
+    [("llama", 4), ("llama", 8), ("qwen2", 4), ("qwen2", 8)]
+    + [(v, 8) for v in ("mistral", "qwen3", "gemma", "gemma3_text", "olmo2")],
+)
 def test_fused_decode_layer_matches_the_modules(tmp_path, monkeypatch, variant, bits):
-    """A decoding step through one native call per layer gives the module path's scores and tokens."""
+    """A decoding step through one native call per layer gives the module path's scores and tokens: Llama's layer
+    and the families that declare their differences (q/k norms per head or over all heads, norms after attention
+    and the MLP, Gemma's 1 + w norms and GELU, sliding windows, Gemma 3's two ropes)."""
     from chatlm import AutoModelForCausalLM, QuantizationConfig
-    from chatlm.kernels import fused_llama
+    from chatlm.kernels import fused_layer
     from checkpoints import write_checkpoint
 
     # head_dim 64 and widths that are multiples of 64: what the native int4 kernel takes
     shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+    if bits == 8:
+        shape["head_dim"] = 32
     path = write_checkpoint(tmp_path / variant, variant, **shape)
     config = QuantizationConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
-    plans = [fused_llama.plan(layer) for layer in model.model.layers]
+    plans = [fused_layer.plan(layer) for layer in model.model.layers]
     if not all(plans):
         assert bits == 4, "int8 layers always fuse where the kernels are built"
         pytest.skip("this CPU has no native int4 kernel (AVX-512): the modules run every layer")
+    windowed = any(w is not None for w in model.config.attention_windows.values())
     ids = torch.randint(3, model.config.vocab_size, (3, 9), generator=gen(16))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # rows of different lengths: each attends from its own first slot (row starts)
-    options = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True, attention_mask=mask)
-    with_starts = []
-    run = fused_llama.LayerPlan.run
+    options = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    if not windowed:  # rows of different lengths: each attends from its own first slot (row starts)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        options["attention_mask"] = mask
+    runs = []
+    run = fused_layer.LayerPlan.run
     monkeypatch.setattr(
-        fused_llama.LayerPlan, "run", lambda self, *a: with_starts.append(a[-1] is not None) or run(self, *a)
+        fused_layer.LayerPlan, "run", lambda self, *a: runs.append(a[-1] is not None) or run(self, *a)
     )
     fused = model.generate(ids, **options)
-    assert all(model.__dict__["_plans"]) and any(with_starts)  # every layer ran natively, padded rows too
+    assert all(model.__dict__["_plans"])  # every layer ran natively, padded rows too (or past the window)
+    assert len(runs) == 7 * len(plans) and (windowed or any(runs))
 
-    monkeypatch.setattr(fused_llama, "plan", lambda layer: None)
+    monkeypatch.setattr(fused_layer, "plan", lambda layer: None)
     model.__dict__.pop("_plans")
     modules = model.generate(ids, **options)
     assert not any(model.__dict__["_plans"])
@@ -263,12 +277,13 @@ def test_fused_decode_layer_matches_the_modules(tmp_path, monkeypatch, variant, 
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_only_llamas_own_layers_declare_fusable_parts(variant):
-    """The fused decode layer computes Llama's layer: every other family's layers (extra norms, fused projections,
-    scaled residuals, experts) declare that they are not that math."""
+def test_layers_declare_fusable_parts_where_the_fused_kernel_is_their_math(variant):
+    """The fused decode layer computes a pre-norm (or post-norm) attention and gated-MLP layer: the families whose
+    layers are that declare their parts; the others (fused projections, scaled residuals, experts, attention
+    softcapping) declare that they are not that math."""
     model_type, options = VARIANTS[variant]
     config = ModelConfig.from_dict({**BASE, "vocab_size": 64, "model_type": model_type, **options})
     with torch.device("meta"):
         model = model_class(config)(config)
     declared = [getattr(layer, "fusable_parts", lambda: None)() is not None for layer in model.model.layers]
-    assert declared == [model_type in ("llama", "mistral", "qwen2")] * len(declared)
+    assert declared == [model_type in FUSED_FAMILIES] * len(declared)

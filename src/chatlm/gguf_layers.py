@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .kernels.fused_llama import NativeWeight
+from .kernels.fused_layer import NativeWeight
 
 # GGML type ids of the block types kept as stored (ggml.h)
 KEPT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -115,7 +115,7 @@ class GGUFLinear(_Blocks):
         self._reference_rows, self._native = embedding._reference_rows, embedding._native
 
     def native_weight(self) -> NativeWeight | None:
-        """The operands for the fused decode layer (`chatlm.kernels.fused_llama`): ``bits`` 0 marks GGUF blocks,
+        """The operands for the fused decode layer (`chatlm.kernels.fused_layer`): ``bits`` 0 marks GGUF blocks,
         ``group`` their type id. None where the kernels do not run, or where this layer computes in float32."""
         if self.qweight is None or not self._native or self.compute_dtype is not None:
             return None

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .kernels.fused_llama import NativeWeight
+from .kernels.fused_layer import NativeWeight
 
 # --- configs --------------------------------------------------------------------------------------------------
 
@@ -329,7 +329,7 @@ class QuantizedLinear(nn.Module):
         self._loaded()
 
     def native_weight(self) -> NativeWeight | None:
-        """The operands for chatlm's native kernels (the fused decode layer, `chatlm.kernels.fused_llama`): int8,
+        """The operands for chatlm's native kernels (the fused decode layer, `chatlm.kernels.fused_layer`): int8,
         or int4 in the packed layout they read; None before loading and for any other int4 layout."""
         if self.qweight is None or (self.bits == 4 and not self._native_int4):
             return None

@@ -487,42 +487,88 @@ static void linear_rows(const chatlm_linear *l, const float *x, int64_t m, float
             for (int64_t j = 0; j < l->n; j++) y[t * l->n + j] += l->bias[j];
 }
 
-/* One decoding step of a Llama decoder layer (pre-norm attention and SwiGLU MLP with residuals), float32
- * activations, in one call: one new token per row, or `tokens` new tokens of a single row (batch 1: speculative
- * decoding checks its guesses so), causal among themselves. x (batch * tokens, hidden) is updated in place; the
- * caches get the new keys and values from slot `offset` on; row b attends to slots starts[b]..offset (NULL: 0). The same operations in the same order as the module path (llama.py), each through the
- * kernels above. */
-void chatlm_llama_decode_layer(float *x, int64_t batch, int64_t tokens, int64_t hidden, const float *norm1,
-                               const float *norm2,
-                               float eps, const chatlm_linear *proj /* q, k, v, o, gate, up, down */,
-                               const float *cos, const float *sin, int64_t rotary, float *k_cache, float *v_cache,
-                               int64_t capacity, int64_t offset, const int64_t *starts, int64_t heads,
-                               int64_t kv_heads, int64_t d, float scale) {
+/* What sets a decoder layer apart from Llama's, declared per layer: its RMSNorm weights as the kernel multiplies
+ * them (Gemma's 1 + w computed already), NULL where the layer has no such norm, and the rest of its math. */
+typedef struct {
+    const float *input;          /* before attention (NULL: OLMo 2) */
+    const float *post_attention; /* on attention's output, before the residual (Gemma 2/3, OLMo 2) */
+    const float *pre_mlp;        /* before the MLP (Llama's post_attention_layernorm) */
+    const float *post_mlp;       /* on the MLP's output, before the residual (Gemma 2/3, OLMo 2) */
+    const float *q, *k;          /* on q and k before rope (Qwen3, Gemma 3: each head; OLMo 2: all heads) */
+    int64_t q_width, k_width;    /* values per q and k norm: head_dim, or all heads' */
+    float eps;
+    int gelu_tanh;  /* the MLP's activation: 0 SiLU, 1 GELU (tanh approximation) */
+    int64_t window; /* attend to the latest `window` positions only (0: all) */
+} chatlm_layer_math;
+
+static void norm_or_copy(const float *x, const float *weight, int64_t rows, int64_t dim, float eps, float *out) {
+    if (weight)
+        chatlm_rms_norm(x, weight, 0, rows, dim, eps, out);
+    else
+        memcpy(out, x, sizeof(float) * (size_t)(rows * dim));
+}
+
+/* x += norm(y) (norm: NULL adds y as it is) */
+static void add_residual(float *x, float *y, const float *weight, int64_t rows, int64_t dim, float eps) {
+    if (weight) chatlm_rms_norm(y, weight, 0, rows, dim, eps, y);
+    for (int64_t i = 0; i < rows * dim; i++) x[i] += y[i];
+}
+
+static inline float gelu_tanh(float v) { /* torch's approximate="tanh" */
+    return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+/* One decoding step of a decoder layer: pre-norm attention and a gated MLP with residuals, the norms and
+ * activation that `math` declares, float32 activations, in one call: one new token per row, or `tokens` new
+ * tokens of a single row (batch 1: speculative decoding checks its guesses so), causal among themselves.
+ * x (batch * tokens, hidden) is updated in place; the caches get the new keys and values from slot `offset` on;
+ * row b attends to slots starts[b]..offset (NULL: 0), within the window if there is one. The same operations in
+ * the same order as the module path (models/), each through the kernels above. */
+void chatlm_decode_layer(float *x, int64_t batch, int64_t tokens, int64_t hidden, const chatlm_layer_math *math,
+                         const chatlm_linear *proj /* q, k, v, o, gate, up, down */, const float *cos,
+                         const float *sin, int64_t rotary, float *k_cache, float *v_cache, int64_t capacity,
+                         int64_t offset, const int64_t *starts, int64_t heads, int64_t kv_heads, int64_t d,
+                         float scale) {
     const int64_t qd = heads * d, kvd = kv_heads * d, inter = proj[4].n;
-    batch *= tokens; /* rows */
-    float *h = malloc(sizeof(float) * (size_t)(batch * (hidden + qd + 2 * kvd + qd + hidden + 2 * inter)));
-    float *q = h + batch * hidden, *k = q + batch * qd, *v = k + batch * kvd, *attn = v + batch * kvd;
-    float *o = attn + batch * qd, *g = o + batch * hidden, *u = g + batch * inter;
-    chatlm_rms_norm(x, norm1, 0, batch, hidden, eps, h);
-    linear_rows(&proj[0], h, batch, q);
-    linear_rows(&proj[1], h, batch, k);
-    linear_rows(&proj[2], h, batch, v);
-    if (tokens == 1)
+    const float eps = math->eps;
+    const int64_t rows = batch * tokens;
+    float *h = malloc(sizeof(float) * (size_t)(rows * (hidden + qd + 2 * kvd + qd + hidden + 2 * inter)));
+    float *q = h + rows * hidden, *k = q + rows * qd, *v = k + rows * kvd, *attn = v + rows * kvd;
+    float *o = attn + rows * qd, *g = o + rows * hidden, *u = g + rows * inter;
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)batch); /* each row's first visible slot */
+    norm_or_copy(x, math->input, rows, hidden, eps, h);
+    linear_rows(&proj[0], h, rows, q);
+    linear_rows(&proj[1], h, rows, k);
+    linear_rows(&proj[2], h, rows, v);
+    if (math->q) chatlm_rms_norm(q, math->q, 0, rows * qd / math->q_width, math->q_width, eps, q);
+    if (math->k) chatlm_rms_norm(k, math->k, 0, rows * kvd / math->k_width, math->k_width, eps, k);
+    if (tokens == 1) {
+        for (int64_t b = 0; b < batch; b++) {
+            first[b] = starts ? starts[b] : 0;
+            if (math->window && offset + 1 - math->window > first[b]) first[b] = offset + 1 - math->window;
+        }
         chatlm_decode_attention(q, qd, k, kvd, v, kvd, cos, sin, rotary, 1, rotary, k_cache, v_cache, capacity,
-                                offset, starts, 0, batch, heads, kv_heads, d, scale, attn);
-    else /* one row: token t sees the cache and tokens 0..t, written just before it attends */
-        for (int64_t t = 0; t < tokens; t++)
+                                offset, first, 0, batch, heads, kv_heads, d, scale, attn);
+    } else /* one row: token t sees the cache and tokens 0..t, written just before it attends */
+        for (int64_t t = 0; t < tokens; t++) {
+            first[0] = starts ? starts[0] : 0;
+            if (math->window && offset + t + 1 - math->window > first[0]) first[0] = offset + t + 1 - math->window;
             chatlm_decode_attention(q + t * qd, qd, k + t * kvd, kvd, v + t * kvd, kvd, cos + t * rotary,
                                     sin + t * rotary, rotary, 1, rotary, k_cache, v_cache, capacity, offset + t,
-                                    starts, 0, 1, heads, kv_heads, d, scale, attn + t * qd);
-    linear_rows(&proj[3], attn, batch, o);
-    for (int64_t i = 0; i < batch * hidden; i++) x[i] += o[i];
-    chatlm_rms_norm(x, norm2, 0, batch, hidden, eps, h);
-    linear_rows(&proj[4], h, batch, g);
-    linear_rows(&proj[5], h, batch, u);
-    for (int64_t i = 0; i < batch * inter; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i]; /* silu(gate) * up */
-    linear_rows(&proj[6], g, batch, o);
-    for (int64_t i = 0; i < batch * hidden; i++) x[i] += o[i];
+                                    first, 0, 1, heads, kv_heads, d, scale, attn + t * qd);
+        }
+    linear_rows(&proj[3], attn, rows, o);
+    add_residual(x, o, math->post_attention, rows, hidden, eps);
+    norm_or_copy(x, math->pre_mlp, rows, hidden, eps, h);
+    linear_rows(&proj[4], h, rows, g);
+    linear_rows(&proj[5], h, rows, u);
+    if (math->gelu_tanh)
+        for (int64_t i = 0; i < rows * inter; i++) g[i] = gelu_tanh(g[i]) * u[i];
+    else
+        for (int64_t i = 0; i < rows * inter; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i]; /* silu(gate) * up */
+    linear_rows(&proj[6], g, rows, o);
+    add_residual(x, o, math->post_mlp, rows, hidden, eps);
+    free(first);
     free(h);
 }
 

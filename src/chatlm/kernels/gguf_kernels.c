@@ -479,6 +479,80 @@ static inline __attribute__((always_inline)) void row_dot_k_512(int type, const 
     }
     for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(acc[t]) + sum8f(offset[t]);
 }
+
+/* The 32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) two blocks per 64-byte vector: vpdpbusd sums 4
+ * products per int32 lane (lanes 0-7 block one, 8-15 block two), one float multiply-add per pair of blocks. Zero
+ * points (Q4_0's 8, Q5_0's 16) come off in integers (u - z exactly, as the dequantizer's a * (u - z)); Q4_1's and
+ * Q5_1's float minimum multiplies x's sums per lane; signed values (Q8_0, IQ4_NL) move their sign onto x. */
+static inline __m512i pair_nibbles(const uint8_t *p0, const uint8_t *p1) { /* 16 bytes each: 64 values */
+    const __m256i q = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)p1), _mm_loadu_si128((const __m128i *)p0));
+    const __m512i twice = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), _mm512_castsi256_si512(q));
+    return _mm512_and_si512(_mm512_srlv_epi64(twice, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)), _mm512_set1_epi8(15));
+}
+
+static inline __m512 pair_f16(const uint8_t *p0, const uint8_t *p1) { /* lanes 0-7: *p0, 8-15: *p1 */
+    uint16_t h0, h1;
+    memcpy(&h0, p0, 2);
+    memcpy(&h1, p1, 2);
+    return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16((short)h1), _mm_set1_epi16((short)h0)));
+}
+
+static inline __attribute__((always_inline)) void row_dot_32_512(int type, const uint8_t *row, int bytes,
+                                                                 const qrow *x, const int T, int64_t k, float *out) {
+    __m512 acc[TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    const int zero = type == Q4_0 ? 8 : type == Q5_0 ? 16 : 0, has_min = type == Q4_1 || type == Q5_1;
+    const __m512i zeros = _mm512_set1_epi8((char)zero), ones = _mm512_set1_epi8(1), sixteen = _mm512_set1_epi8(16);
+    for (int64_t blk = 0; blk < k / 32; blk += 2) {
+        const uint8_t *b0 = row + blk * bytes, *b1 = b0 + bytes;
+        _mm_prefetch((const char *)b0 + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)b0 + PREFETCH + 64, _MM_HINT_T0);
+        __m512i v;
+        __m512 mins = _mm512_setzero_ps();
+        switch (type) {
+        case Q8_0:
+            v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+                                   _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+            break;
+        case IQ4_NL:
+            v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)),
+                                    pair_nibbles(b0 + 2, b1 + 2));
+            break;
+        case Q5_0:
+        case Q5_1: {
+            const int at = type == Q5_0 ? 2 : 4;
+            uint32_t h0, h1;
+            memcpy(&h0, b0 + at, 4);
+            memcpy(&h1, b1 + at, 4);
+            v = _mm512_or_si512(pair_nibbles(b0 + at + 4, b1 + at + 4),
+                                _mm512_maskz_mov_epi8(((uint64_t)h1 << 32) | h0, sixteen));
+            break;
+        }
+        default: /* Q4_0, Q4_1 */
+            v = pair_nibbles(b0 + (type == Q4_0 ? 2 : 4), b1 + (type == Q4_0 ? 2 : 4));
+        }
+        if (has_min) mins = pair_f16(b0 + 2, b1 + 2);
+        const __m512 d = pair_f16(b0, b1);
+        const __mmask64 negative = is_signed(type) ? _mm512_movepi8_mask(v) : 0;
+        const __m512i u = is_signed(type) ? _mm512_abs_epi8(v) : v;
+        for (int t = 0; t < T; t++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(x[t].q + blk * 32));
+            const __m512 s = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(x[t].scale[blk]), _mm512_set1_ps(x[t].scale[blk + 1]));
+            __m512i dots;
+            if (is_signed(type))
+                dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv));
+            else
+                dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+            if (zero) dots = _mm512_sub_epi32(dots, _mm512_dpbusd_epi32(_mm512_setzero_si512(), zeros, xv));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(d, s), acc[t]);
+            if (has_min) {
+                const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xv);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(mins, s), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
 #else
 static inline int interleaved_x(int type) { (void)type; return 0; }
 #endif
@@ -488,6 +562,10 @@ static inline __attribute__((always_inline)) void row_dot(int type, const uint8_
 #ifdef K_512
     if (type == Q4_K || type == Q5_K || type == Q6_K) {
         row_dot_k_512(type, row, bytes, x, T, k, out);
+        return;
+    }
+    if (values_per_block(type) == 32 && k % 64 == 0) {
+        row_dot_32_512(type, row, bytes, x, T, k, out);
         return;
     }
 #endif
@@ -710,8 +788,6 @@ int chatlm_gguf_matmul_precise(const float *x, int64_t m, int64_t k, const uint8
 #endif
 }
 
-/* Rows [0, n) of W dequantized to float32 (n, k), with the dequantizer's own roundings (a * (u - zero), or
- * a * u + b), so bit for bit its values (the tests check it against chatlm.loading.gguf_dequant). */
 #ifdef GGUF_SIMD
 /* Eight float32 to bfloat16, rounded to nearest even (the values are finite: scales times small integers). */
 static inline __m128i to_bf16(__m256 v) {
@@ -722,8 +798,9 @@ static inline __m128i to_bf16(__m256 v) {
 }
 #endif
 
-/* Rows of blocks dequantized to float32 (bf16 = 0: bit for bit the reference dequantizer's values) or to
-   bfloat16 (bf16 = 1: those values rounded to nearest even, for a bfloat16 matmul). */
+/* Rows [0, n) of W dequantized to float32 (n, k), with the dequantizer's own roundings (a * (u - zero), or
+ * a * u + b), so bit for bit its values (the tests check it against chatlm.loading.gguf_dequant); with bf16 = 1,
+ * those values rounded to bfloat16 (nearest even), for a bfloat16 matmul. */
 int chatlm_gguf_dequantize(const uint8_t *w, int type, int64_t row_bytes, int64_t n, int64_t k, void *out, int bf16) {
 #ifdef GGUF_SIMD
     if (!supported(type) || k % values_per_block(type)) return 0;

@@ -49,14 +49,12 @@ SIGNATURES = {
     "chatlm_gguf_matmul": [_ptr, _i64, _i64, _ptr, _int, _i64, _i64, _ptr],
     "chatlm_gguf_matmul_precise": [_ptr, _i64, _i64, _ptr, _int, _i64, _i64, _ptr],
     "chatlm_gguf_dequantize": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
-    "chatlm_llama_decode_layer": [
+    "chatlm_decode_layer": [
         _ptr,
         _i64,
         _i64,
         _i64,
         _ptr,
-        _ptr,
-        _f32,
         _ptr,
         _ptr,
         _ptr,
@@ -64,8 +62,10 @@ SIGNATURES = {
         _ptr,
         _ptr,
         _i64,
+        _i64,
+        _ptr,
     ]
-    + [_i64, _ptr, _i64, _i64, _i64, _f32],
+    + [_i64, _i64, _i64, _f32],
     "chatlm_decode_attention": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _int, _i64, _ptr, _ptr]
     + [_i64, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _f32, _ptr],
 }

@@ -12,7 +12,7 @@ import torch
 
 from ..generation.config import GenerationConfig
 from ..gguf_layers import KEPT_TYPES, keep_gguf_modules
-from ..kernels import fused_llama
+from ..kernels import fused_layer
 from ..models import model_class
 from ..models.base import CausalLM
 from ..models.config import ModelConfig
@@ -272,7 +272,7 @@ def load_model(
     if tp is not None:
         tensor_parallel.attach_all_reduces(model, tp)
     else:  # the fused decode layer skips forward hooks, which carry tensor parallelism's all-reduces
-        fused_llama.attach(model)
+        fused_layer.attach(model)
     if generation_config is not None:
         model.generation_config = generation_config
     model.name_or_path = str(resolved.path)

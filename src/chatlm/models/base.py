@@ -49,8 +49,44 @@ class CausalLM(nn.Module):
         self._attention_windows = config.attention_windows  # once, not on every decode step
         self._exit_layer: int | None = None  # see early_exit
 
+    # A fused decode path, attached from outside to a loaded model (`chatlm.kernels.fused_layer.attach`): it says
+    # which steps it takes (``takes``) and plans each layer's native call (``plan``, None: the modules).
+    decode_fusion = None
+
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
         raise NotImplementedError
+
+    def run_layers(self, x, cos, sin, masks, cache) -> torch.Tensor:
+        """x through the active decoder layers: each as one native call where the decode fusion planned it,
+        else its modules. ``cos`` and ``sin`` may be dicts by attention type (Gemma 3's local and global rope)."""
+        plans = self._decode_plans(x, cos, masks, cache)
+        for i, layer in enumerate(self.active_layers()):
+            if plans is not None and plans[i] is not None:  # the whole layer in one native call
+                kind = layer.self_attn.attention_type
+                c, s = (cos[kind], sin[kind]) if isinstance(cos, dict) else (cos, sin)
+                plans[i].run(x, c, s, cache.keys[i], cache.values[i], cache.offset, masks.row_starts)
+            else:
+                x = layer(x, cos, sin, masks, cache)
+        return x
+
+    def _decode_plans(self, x, cos, masks, cache) -> list | None:
+        """Per layer, the fused plan of this step (see ``decode_fusion``), or None for the module path: a step the
+        fusion takes, over a cache, no padding (sliding windows the kernel applies) or rows starting at their own
+        slots, no autograd."""
+        fusion = self.decode_fusion
+        if (
+            fusion is None
+            or cache is None
+            or not fusion.takes(x, next(iter(cos.values())) if isinstance(cos, dict) else cos)
+            or not (getattr(masks, "unpadded", False) or getattr(masks, "row_starts", None) is not None)
+            or torch.is_grad_enabled()
+        ):
+            return None
+        plans = self.__dict__.get("_plans")
+        if plans is None or not all(p is None or p.valid() for p in plans):
+            plans = [fusion.plan(layer) for layer in self.model.layers]
+            self.__dict__["_plans"] = plans
+        return plans
 
     def active_layers(self):
         """The decoder layers a forward call runs: all of them, or the first few inside `early_exit`."""

@@ -16,7 +16,7 @@ from torch import nn
 from .base import CausalLM
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import GatedMLP, apply_rope, attention, rope_cos_sin, rope_inverse_frequencies
+from .layers import FusableParts, GatedMLP, apply_rope, attention, rope_cos_sin, rope_inverse_frequencies
 from .llama import Attention
 
 _MULTIMODAL_PREFIXES = (
@@ -43,6 +43,10 @@ class GemmaRMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+    def kernel_weight(self) -> torch.Tensor:
+        """What the normalised values are multiplied by (a fused kernel's operand), in float32 as here."""
+        return 1.0 + self.weight.float()
 
 
 class GemmaAttention(Attention):
@@ -89,6 +93,27 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
 
+    def fusable_parts(self) -> FusableParts | None:
+        """The pieces of this layer for the fused decode kernel (Gemma 2's attention softcapping is not its math)."""
+        a, m = self.self_attn, self.mlp
+        if a.softcap is not None:
+            return None
+        return FusableParts(
+            input_norm=self.input_layernorm,
+            post_attention_norm=self.post_attention_layernorm if self.sandwich else None,
+            pre_mlp_norm=self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm,
+            post_mlp_norm=self.post_feedforward_layernorm if self.sandwich else None,
+            q_norm=a.q_norm if a.qk_norm else None,
+            k_norm=a.k_norm if a.qk_norm else None,
+            projections=(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
+            activation=m.act_name,
+            heads=a.num_heads,
+            kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            scale=a.scale,
+            window=a.window,
+        )
+
     def forward(self, x, cos, sin, masks, cache):
         if not self.sandwich:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
@@ -133,9 +158,7 @@ class GemmaForCausalLM(CausalLM):
             # (bf16 turns sqrt(640) = 25.298 into 25.25): the product is taken in the model's dtype.
             self._embed_scale = torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
         x = x * self._embed_scale
-        for layer in self.active_layers():
-            x = layer(x, cos, sin, masks, cache)
-        return self.model.norm(x)
+        return self.model.norm(self.run_layers(x, cos, sin, masks, cache))
 
     def rope_tables(self, position_ids: torch.Tensor):
         if self.config.model_type != "gemma3_text":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,33 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
+    def kernel_weight(self) -> torch.Tensor:
+        """What the normalised values are multiplied by (a fused kernel's operand)."""
+        return self.weight
+
+
+@dataclass(frozen=True)
+class FusableParts:
+    """A decoder layer as the fused decode kernel runs it, declared by its ``fusable_parts()``:
+    ``x += post_attention(o(attention(rope(q_norm(q), k_norm(k), v of input(x)))))``, then
+    ``x += post_mlp(down(activation(gate(h)) * up(h)))`` with ``h = pre_mlp(x)``. Each norm is an RMSNorm module
+    with ``kernel_weight()`` (the float32 weight it multiplies by), ``eps``, or None where the layer has none.
+    The kernel checks the rest (dtypes, devices, the projections' formats) itself."""
+
+    input_norm: nn.Module | None
+    post_attention_norm: nn.Module | None
+    pre_mlp_norm: nn.Module | None
+    post_mlp_norm: nn.Module | None
+    q_norm: nn.Module | None  # over each head (its weight has head_dim values) or over all heads
+    k_norm: nn.Module | None
+    projections: tuple[nn.Module, ...]  # q, k, v, o, gate, up, down
+    activation: str  # the MLP's, by its name in ACTIVATIONS
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float | None  # None: 1/sqrt(head_dim)
+    window: int | None  # the latest positions each query sees (None: all)
+
 
 class GatedMLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -40,6 +68,7 @@ class GatedMLP(nn.Module):
         if config.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {config.hidden_act!r} is not supported")
         self.act = ACTIVATIONS[config.hidden_act]
+        self.act_name = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -173,9 +202,12 @@ class AttentionMasks(dict):
     """Masks by attention type; ``plain_causal`` when every one is plain causal attention (no padding and no
     sliding window cut in), whether or not it had to be written out as a tensor. ``row_starts`` (B,) when one
     new token per row attends, in every attention type, to one run of slots from row_starts[b] to itself (rows of
-    different lengths, as a server's batch holds them): native kernels take that instead of the mask."""
+    different lengths, as a server's batch holds them): native kernels take that instead of the mask.
+    ``unpadded``: no padding, so the masks are causal within each type's window (a native kernel that applies
+    the windows itself takes that too)."""
 
     plain_causal = False
+    unpadded = False
     row_starts: torch.Tensor | None = None
 
 
@@ -206,6 +238,7 @@ def attention_masks(
     kv_length = offset + query_length
     masks = AttentionMasks()
     masks.plain_causal = padding_mask is None
+    masks.unpadded = padding_mask is None  # plain causal but for sliding windows
     device = padding_mask.device if padding_mask is not None else None
     q = torch.arange(offset, kv_length, device=device)[:, None]
     k = torch.arange(kv_length, device=device)[None, :]

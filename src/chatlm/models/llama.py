@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -12,7 +9,7 @@ from .. import kernels
 from .base import CausalLM
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import GatedMLP, RMSNorm, apply_rope, attention
+from .layers import FusableParts, GatedMLP, RMSNorm, apply_rope, attention
 
 
 class Attention(nn.Module):
@@ -25,6 +22,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.attention_type = config.layer_types[layer_index]
+        self.window = config.attention_windows[
+            self.attention_type
+        ]  # the latest positions it sees (None: all)
         self.scale: float | None = None  # the softmax scale; None is 1/sqrt(head_dim)
         self.q_dim, self.kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.make_projections(config.hidden_size, qkv_bias)
@@ -67,23 +67,6 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-@dataclass(frozen=True)
-class FusableParts:
-    """A decoder layer as a fused decode kernel may run it in one call, declared by ``fusable_parts()``:
-    ``x += o(attention(rope(q, k, v of input_norm(x))))``, then ``x += down(activation(gate(h)) * up(h))`` with
-    ``h = post_attention_norm(x)``; both norms Llama's RMSNorm (``weight``, ``eps``). The kernel checks the rest
-    (dtypes, devices, the projections' formats) itself."""
-
-    input_norm: RMSNorm
-    post_attention_norm: RMSNorm
-    projections: tuple[nn.Module, ...]  # q, k, v, o, gate, up, down
-    activation: Callable[[torch.Tensor], torch.Tensor]
-    heads: int
-    kv_heads: int
-    head_dim: int
-    scale: float | None  # None: 1/sqrt(head_dim)
-
-
 class DecoderLayer(nn.Module):
     attention_class = Attention
     mlp_class = GatedMLP
@@ -100,18 +83,23 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def fusable_parts(self) -> FusableParts | None:
-        """This layer's pieces for a fused decode kernel (see `FusableParts`). A subclass that changes the math
-        (its attention, MLP, norms or residuals) overrides this to return None, unless it still is that."""
+        """This layer's pieces for the fused decode kernel (see `FusableParts`). A subclass that changes the math
+        (its attention, MLP, norms or residuals) overrides this, to return None unless it still is that."""
         a, m = self.self_attn, self.mlp
         return FusableParts(
-            self.input_layernorm,
-            self.post_attention_layernorm,
-            (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
-            m.act,
-            a.num_heads,
-            a.num_kv_heads,
-            a.head_dim,
-            a.scale,
+            input_norm=self.input_layernorm,
+            post_attention_norm=None,
+            pre_mlp_norm=self.post_attention_layernorm,
+            post_mlp_norm=None,
+            q_norm=getattr(a, "q_norm", None),  # Qwen3's, over each head
+            k_norm=getattr(a, "k_norm", None),
+            projections=(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
+            activation=m.act_name,
+            heads=a.num_heads,
+            kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            scale=a.scale,
+            window=a.window,
         )
 
 
@@ -130,9 +118,6 @@ class LlamaForCausalLM(CausalLM):
     # Qwen2 is Llama with biases on q, k and v; Mistral is Llama with a sliding window (from its config).
     QKV_BIAS = {"qwen2": True}
     layer_class: type[nn.Module] = DecoderLayer  # the other families built on Llama swap in their layers
-    # A fused decode path, attached from outside to a loaded model (`chatlm.kernels.fused_llama.attach`): it
-    # says which steps it takes (``takes``) and plans each layer's native call (``plan``, None: the modules).
-    decode_fusion = None
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -142,28 +127,4 @@ class LlamaForCausalLM(CausalLM):
 
     def hidden_states(self, input_ids, cos, sin, masks, cache) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        plans = self._decode_plans(x, cos, masks, cache)
-        for i, layer in enumerate(self.active_layers()):
-            if plans is not None and plans[i] is not None:  # the whole layer in one native call
-                plans[i].run(x, cos, sin, cache.keys[i], cache.values[i], cache.offset, masks.row_starts)
-            else:
-                x = layer(x, cos, sin, masks, cache)
-        return self.model.norm(x)
-
-    def _decode_plans(self, x, cos, masks, cache) -> list | None:
-        """Per layer, the fused plan of this step (see ``decode_fusion``), or None for the module path: a step the
-        fusion takes, over a cache, plain causal attention (or rows starting at their own slots), no autograd."""
-        fusion = self.decode_fusion
-        if (
-            fusion is None
-            or cache is None
-            or not fusion.takes(x, cos)
-            or not (getattr(masks, "plain_causal", False) or getattr(masks, "row_starts", None) is not None)
-            or torch.is_grad_enabled()
-        ):
-            return None
-        plans = self.__dict__.get("_plans")
-        if plans is None or not all(p is None or p.valid() for p in plans):
-            plans = [fusion.plan(layer) for layer in self.model.layers]
-            self.__dict__["_plans"] = plans
-        return plans
+        return self.model.norm(self.run_layers(x, cos, sin, masks, cache))

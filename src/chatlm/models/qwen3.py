@@ -22,10 +22,7 @@ class Qwen3Attention(Attention):
 
 
 class Qwen3DecoderLayer(DecoderLayer):
-    attention_class = Qwen3Attention
-
-    def fusable_parts(self) -> None:
-        return None  # q and k normalised per head: not the fused decode kernel's math
+    attention_class = Qwen3Attention  # its q_norm and k_norm are part of the fusable parts
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

@@ -1,14 +1,17 @@
-"""A whole Llama decoder layer as one native call while decoding (``chatlm_llama_decode_layer``).
+"""A whole decoder layer as one native call while decoding (``chatlm_decode_layer``).
 
 Eager PyTorch spends about as long dispatching a small model's ~40 ops per layer as the CPU spends streaming its
-weights. For the common case, float32 activations with int4/int8 weights the native kernels take, one C call runs
-the layer: RMSNorm, the q/k/v projections, rope + cache write + attention, o_proj and the residual, RMSNorm, the
-SwiGLU MLP and the residual, each through the same kernels the module path uses, in the same order. ``plan`` says
-whether a layer qualifies; anything else (another architecture, float weights, bfloat16, a mask) runs the modules.
+weights. For the common case, float32 activations with weights the native kernels take (int4, int8, GGUF blocks),
+one C call runs the layer: its norms, the q/k/v projections (and q/k norms), rope + cache write + attention (over
+a sliding window where the layer has one), o_proj and the residual, the gated MLP and the residual, each through
+the same kernels the module path uses, in the same order. ``plan`` says whether a layer qualifies; anything else
+(float weights, bfloat16, a padded batch with a sliding window) runs the modules.
 
-The kernel attaches to a loaded model from outside (`attach`, called by the loader), as tensor parallelism does,
-and knows no model or quantization class: a layer declares its pieces with ``fusable_parts()`` (None: it is not
-this math), a quantized linear layer its operands with ``native_weight()`` (a `NativeWeight`).
+One mechanism for every family: a layer declares its pieces with ``fusable_parts()`` (`chatlm.models.layers.FusableParts`: which
+norms it has, where, and with what weights; its activation; its window), or None where its math is another (fused
+projections, scaled residuals, experts). The kernel attaches to a loaded model from outside (`attach`, called by
+the loader), as tensor parallelism does, and knows no model or quantization class: a quantized linear layer
+declares its operands with ``native_weight()`` (a `NativeWeight`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import ctypes
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import native
@@ -55,15 +57,30 @@ class _Linear(ctypes.Structure):
     ]
 
 
+class _LayerMath(ctypes.Structure):  # chatlm_layer_math (cpu_kernels.c)
+    _fields_ = [
+        *[(name, ctypes.c_void_p) for name in ("input", "post_attention", "pre_mlp", "post_mlp", "q", "k")],
+        ("q_width", ctypes.c_int64),
+        ("k_width", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("gelu_tanh", ctypes.c_int),
+        ("window", ctypes.c_int64),
+    ]
+
+
+NORMS = ("input_norm", "post_attention_norm", "pre_mlp_norm", "post_mlp_norm", "q_norm", "k_norm")
+
+
 class LayerPlan:
     """The fixed arguments of one layer's native call, and the tensors behind them (kept alive here)."""
 
-    def __init__(self, parts, weights: list[NativeWeight]):
+    def __init__(self, parts, weights: list[NativeWeight], norms: dict[str, torch.Tensor]):
         projections = parts.projections
         self.first, self.last = projections[0], projections[-1]
         self.weights = (weights[0].weight, weights[-1].weight)  # checked each step: see `valid`
-        norms = (parts.input_norm.weight, parts.post_attention_norm.weight)
-        self.keep = [*norms] + [t for w in weights for t in (w.weight, w.scales, w.bias) if t is not None]
+        self.keep = [*norms.values()] + [
+            t for w in weights for t in (w.weight, w.scales, w.bias) if t is not None
+        ]
         self.projections = (_Linear * 7)(
             *[
                 _Linear(
@@ -79,8 +96,21 @@ class LayerPlan:
                 for w in weights
             ]
         )
-        self.norms = (norms[0].data_ptr(), norms[1].data_ptr())
-        self.eps = parts.input_norm.eps
+        pointer = {name: norms[name].data_ptr() if name in norms else None for name in NORMS}
+        eps = next(getattr(parts, name).eps for name in NORMS if name in norms)
+        self.math = _LayerMath(
+            pointer["input_norm"],
+            pointer["post_attention_norm"],
+            pointer["pre_mlp_norm"],
+            pointer["post_mlp_norm"],
+            pointer["q_norm"],
+            pointer["k_norm"],
+            norms["q_norm"].numel() if "q_norm" in norms else 0,
+            norms["k_norm"].numel() if "k_norm" in norms else 0,
+            eps,
+            ACTIVATIONS[parts.activation],
+            parts.window or 0,
+        )
         self.heads, self.kv_heads, self.head_dim = parts.heads, parts.kv_heads, parts.head_dim
         self.scale = parts.head_dim**-0.5 if parts.scale is None else parts.scale
 
@@ -101,14 +131,12 @@ class LayerPlan:
     ) -> None:
         """x (B, T, hidden) float32 with B == 1 or T == 1, updated in place; cos and sin (B, T, rotary) float32;
         ``starts`` (B,) int64: row b's keys begin at that slot (a batch whose rows hold different lengths)."""
-        native.library().chatlm_llama_decode_layer(
+        native.library().chatlm_decode_layer(
             x.data_ptr(),
             x.shape[0],
             x.shape[1],
             x.shape[-1],
-            self.norms[0],
-            self.norms[1],
-            self.eps,
+            ctypes.byref(self.math),
             self.projections,
             cos.data_ptr(),
             sin.data_ptr(),
@@ -141,23 +169,35 @@ def _native_weight(m: nn.Module) -> NativeWeight | None:
     return w if fits else None
 
 
+ACTIVATIONS = {
+    "silu": 0,
+    "gelu_pytorch_tanh": 1,
+}  # the MLP activations the kernel computes (names as in config)
+
+
 def plan(layer: nn.Module) -> LayerPlan | None:
     """The native plan of a decoder layer, or None where the module path must run it."""
     if native.library() is None:
         return None
     declare = getattr(layer, "fusable_parts", None)
     parts = declare() if declare is not None else None
-    if parts is None:
+    if parts is None or parts.activation not in ACTIVATIONS:
         return None
-    norms = (parts.input_norm, parts.post_attention_norm)
-    if any(n.weight.dtype != torch.float32 or n.weight.device.type != "cpu" for n in norms):
+    norms = {name: getattr(parts, name) for name in NORMS if getattr(parts, name) is not None}
+    if not norms or len({n.eps for n in norms.values()}) != 1:
         return None
-    if norms[0].eps != norms[1].eps or parts.activation is not F.silu:
+    weights_of = {name: n.kernel_weight() for name, n in norms.items()}
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 1 for w in weights_of.values()):
         return None
+    weights_of = {name: w.contiguous() for name, w in weights_of.items()}
+    widths = {"q_norm": parts.heads * parts.head_dim, "k_norm": parts.kv_heads * parts.head_dim}
+    for name, width in widths.items():  # over each head, or over all of them
+        if name in weights_of and weights_of[name].numel() not in (parts.head_dim, width):
+            return None
     weights = [_native_weight(m) for m in parts.projections]
     if not all(weights):
         return None
-    return LayerPlan(parts, weights)
+    return LayerPlan(parts, weights, weights_of)
 
 
 class DecodeFusion:
