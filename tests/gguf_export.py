@@ -67,7 +67,26 @@ def _llama_tensors(state: State, config: Any) -> State:
         elif ".self_attn.k_proj." in name:
             w = permute_rows(w, config.num_key_value_heads)
         out[name] = w
+    rope = _rope_parameters(config) or (getattr(config, "rope_scaling", None) or {})
+    if rope.get("rope_type") == "llama3":  # Llama 3.1+: the converter writes each frequency's divisor
+        out[gguf_tensor_name(gguf.MODEL_ARCH.LLAMA, gguf.MODEL_TENSOR.ROPE_FREQS)] = _llama3_divisors(
+            config, rope
+        )
     return out
+
+
+def _llama3_divisors(config: Any, rope: dict) -> np.ndarray:
+    """llama3 rope scaling as a divisor per frequency: 1 for short wavelengths, ``factor`` for long ones, and
+    between them the inverse of the smooth blend (what transformers multiplies the frequency by)."""
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inv_freq = 1.0 / _rope_theta(config) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    divisors = np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, blended))
+    return divisors.astype(np.float32)
 
 
 def _gemma_tensors(state: State, config: Any) -> State:
@@ -259,8 +278,7 @@ def _common_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
-    elif rope_type not in ("default", "longrope"):  # longrope: the phi3 hooks write it
-        # llama3 scaling is written as a rope_freqs tensor by the converter: not done here (yet).
+    elif rope_type not in ("default", "longrope", "llama3"):  # longrope, llama3: tensors the hooks write
         raise NotImplementedError(f"export_gguf: rope type {rope_type!r}")
     for key, add in (
         ("bos_token_id", writer.add_bos_token_id),

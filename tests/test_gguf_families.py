@@ -1,4 +1,4 @@
-"""GGUF round trips of the families beyond llama: a tiny HF checkpoint written as llama.cpp's converter writes it
+"""GGUF round trips of the families beyond llama (and of Llama 3.1+'s rope scaling): a tiny HF checkpoint written as llama.cpp's converter writes it
 (tests/gguf_export.py), loaded by our GGUF loader, against transformers on the HF directory."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from gguf_export import export_gguf, quantize_dequantize
 
 # variant -> checkpoint overrides: llama.cpp's qwen3 has no sliding window, so that checkpoint goes without one.
 FAMILIES = {
+    "llama_tied_llama3": {},  # Llama 3.1+'s rope scaling: the converter writes a rope_freqs tensor
     "qwen3": dict(use_sliding_window=False),
     "phi3_longrope": {},
     "phi3_short_partial": {},

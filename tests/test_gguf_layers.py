@@ -14,9 +14,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from chatlm import kernels
 from chatlm.auto import AutoModelForCausalLM
-from chatlm.gguf_layers import KEPT_TYPES, GGUFEmbedding, GGUFLinear
+from chatlm.gguf_layers import KEPT_TYPES, GGUFEmbedding, GGUFExperts, GGUFExpertStack, GGUFLinear
 from chatlm.kernels import native
 from chatlm.loading import gguf_dequant
+from chatlm.models.moe import Experts
 from chatlm.quantization import QuantizationConfig
 from checkpoints import write_checkpoint
 from gguf_export import export_gguf
@@ -168,6 +169,11 @@ ARCHITECTURES = {
     "phi3": ("phi3_longrope", dict(num_attention_heads=16, num_key_value_heads=4)),
     "olmo2": ("olmo2", {}),
     "granite": ("granite", {}),
+    # experts whose stacks the 256-value blocks take, and a shared expert (every layer sparse, as llama.cpp's)
+    "qwen2_moe": (
+        "qwen2_moe",
+        dict(moe_intermediate_size=256, shared_expert_intermediate_size=256, mlp_only_layers=[]),
+    ),
 }
 SHAPES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
@@ -267,6 +273,52 @@ def test_fused_decode_layer_reads_blocks_too(mixed_gguf, monkeypatch):
     assert fused.sequences.tolist() == modules.sequences.tolist()
     for a, b in zip(fused.scores, modules.scores):
         assert (a - b).abs().max() < 0.02 * b.abs().max()
+
+
+def test_experts_read_their_own_blocks_as_stored(mixed_gguf):
+    """An MoE layer's expert stacks stay as stored, in place; each chosen expert computes with its own blocks:
+    in float32, the dequantized model's logits; by default, every expert's call is its dequantized rows times
+    the int8-rounded input (decoding) or the tiles' product (a prompt)."""
+    kept = AutoModelForCausalLM.from_pretrained(mixed_gguf, quantization_config=_keep())
+    stacks = [m for m in kept.modules() if isinstance(m, GGUFExpertStack)]
+    if not stacks:
+        assert not any(isinstance(m, Experts) for m in kept.modules())
+        pytest.skip("no experts in this family")
+    assert all(isinstance(m, GGUFExperts) for m in kept.modules() if isinstance(m, Experts))
+    assert all(_mapped_file(m.qweight.data_ptr()) == str(mixed_gguf.resolve()) for m in stacks)
+    assert not any(p.dim() == 3 for p in kept.parameters())  # no float copy of a stack
+
+    exact = AutoModelForCausalLM.from_pretrained(mixed_gguf, quantization_config=_keep(torch.float32))
+    dequantized = AutoModelForCausalLM.from_pretrained(mixed_gguf)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(prompt()).logits, dequantized(prompt()).logits, atol=1e-4, rtol=1e-4)
+
+    bf16 = kernels.fast_bfloat16_matmul()
+    calls = []
+
+    def check(module, args, out):
+        e, x, prompt = args
+        n = module.weight_shape[1]
+        w = module.dequantize()[e].double()
+        assert prompt == (tokens[-1] > 16)  # a prompt by the call's tokens, not the expert's share of them
+        if prompt:
+            expected = (x.bfloat16().double() @ w.bfloat16().double().T) if bf16 else x.double() @ w.T
+            tolerance = 2**-8 if bf16 else 1e-5
+        else:
+            group = 256 if module.type_name in K_TYPES else 32
+            expected, tolerance = int8_activations(x, group).double() @ w.T, 1e-5
+        assert out.shape == (x.shape[0], n)
+        calls.append(((out.double() - expected).abs().max() / expected.abs().max()).item() / tolerance)
+
+    tokens = []
+    for m in kept.modules():
+        if isinstance(m, GGUFExperts):
+            m.register_forward_pre_hook(lambda module, args: tokens.append(args[0].shape[0]))
+    for m in stacks:
+        m.register_forward_hook(check)
+    kept.generate(prompt(40), max_new_tokens=4, do_sample=False)
+    assert set(tokens) == {40, 1}
+    assert calls and max(calls) < 1
 
 
 def _mapped_file(address: int) -> str | None:

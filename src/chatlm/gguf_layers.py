@@ -24,6 +24,7 @@ dequantizers (handed in as the weight's ``float_rows``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from . import kernels
 from .kernels.fused_layer import NativeWeight
+from .models.moe import Experts
 
 # GGML type ids of the block types kept as stored (ggml.h)
 KEPT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -72,19 +74,39 @@ class _Blocks(nn.Module):
     def _rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows [start, stop) dequantized to float32, bit for bit the file's values (or those rounded to dtype)."""
         if self._native:
-            out = kernels.gguf_dequantize(
-                self.qweight[start:stop], self.ggml_type, self.weight_shape[1], dtype
-            )
+            k = self.weight_shape[-1]
+            out = kernels.gguf_dequantize(self.qweight[start:stop], self.ggml_type, k, dtype)
             if out is not None:
                 return out
         return self._reference_rows(start, stop).to(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as float (for checks and tests)."""
-        return self._rows(0, self.weight_shape[0]).to(dtype)
+        return self._rows(0, self.qweight.shape[0]).to(dtype).view(self.weight_shape)
 
     def num_weights(self) -> int:
-        return self.weight_shape[0] * self.weight_shape[1]
+        return math.prod(self.weight_shape)
+
+    def _matmul(
+        self, x: torch.Tensor, start: int, n: int, compute_dtype: torch.dtype | None, prompt: bool
+    ) -> torch.Tensor:
+        """x (m, k) @ W[start:start + n]^T in float32 (m, n), W this module's rows of blocks: decoding through the
+        block kernel, a ``prompt`` through dequantized tiles (see the module docstring)."""
+        k = self.weight_shape[-1]
+        if self._native and compute_dtype is None and not prompt:
+            y = kernels.gguf_linear(x, self.qweight[start : start + n], self.ggml_type, k)
+            if y is not None:
+                return y
+        # tiles: bfloat16 for the default's prompts on a CPU with native bfloat16, else float32
+        dtype = torch.float32
+        if compute_dtype is None and self._native and kernels.fast_bfloat16_matmul():
+            dtype = torch.bfloat16
+        x = x.to(dtype)
+        step = min(n, max(16, TILE_VALUES[dtype] // k // 16 * 16))
+        out = torch.empty(x.shape[0], n, dtype=torch.float32)
+        for i in range(0, n, step):
+            out[:, i : i + step] = F.linear(x, self._rows(start + i, start + min(n, i + step), dtype))
+        return out
 
 
 class GGUFLinear(_Blocks):
@@ -126,13 +148,10 @@ class GGUFLinear(_Blocks):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = None
-        if self._native and self.compute_dtype is None and x2.shape[0] <= NATIVE_MAX_ROWS:
-            y = kernels.gguf_linear(x2, self.qweight, self.ggml_type, self.in_features)
-            if y is not None and self.refine_top:
-                self._refine(x2, y)
-        if y is None:
-            y = self._tiled(x2)
+        prompt = x2.shape[0] > NATIVE_MAX_ROWS
+        y = self._matmul(x2, 0, self.out_features, self.compute_dtype, prompt)
+        if self.refine_top and self._native and self.compute_dtype is None and not prompt:
+            self._refine(x2, y)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if self.bias is not None:
@@ -147,20 +166,6 @@ class GGUFLinear(_Blocks):
             exact = kernels.gguf_linear(x[i : i + 1], rows, self.ggml_type, self.in_features, precise=True)
             y[i, top[i]] = exact[0]
 
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T in float32, W dequantized one tile of output channels at a time: in float32, or (the default's
-        prompts, on a CPU with native bfloat16) in bfloat16 with x rounded to it too."""
-        n, k = self.weight_shape
-        dtype = torch.float32
-        if self.compute_dtype is None and self._native and kernels.fast_bfloat16_matmul():
-            dtype = torch.bfloat16
-        x = x.to(dtype)
-        step = min(n, max(16, TILE_VALUES[dtype] // k // 16 * 16))
-        out = torch.empty(x.shape[0], n, dtype=torch.float32)
-        for i in range(0, n, step):
-            out[:, i : i + step] = F.linear(x, self._rows(i, min(n, i + step), dtype))
-        return out
-
     def extra_repr(self) -> str:
         refined = f", the top {self.refine_top} with int16" if self.refine_top else ""
         compute = self.compute_dtype or f"int8 activations{refined}"
@@ -168,6 +173,66 @@ class GGUFLinear(_Blocks):
             f"in_features={self.in_features}, out_features={self.out_features}, {self.type_name} as stored, "
             f"compute {compute}"
         )
+
+
+class GGUFExpertStack(_Blocks):
+    """One projection of a layer's experts, (experts, out, in) as the file stacks them (GGUF's
+    ``ffn_{gate,up,down}_exps``), in place; ``stack(e, x)`` is expert e's linear layer (only its blocks are
+    read)."""
+
+    weight_suffix = ""  # the checkpoint names a stack by the module's own name (no ".weight")
+
+    def __init__(self, experts: int, out_features: int, in_features: int, compute_dtype: torch.dtype | None):
+        super().__init__()
+        self._shape = (experts, out_features, in_features)
+        self.compute_dtype = compute_dtype
+        self.register_buffer("qweight", None)  # (experts * out, bytes per row) uint8
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    def load_weight(self, weight: StoredBlocks) -> None:
+        self._take(weight)
+
+    def forward(self, e: int, x: torch.Tensor, prompt: bool) -> torch.Tensor:
+        """Expert e's linear layer on x (m, in); ``prompt``: the call's tokens, not just this expert's, make a
+        prompt (so a prompt gives the same numbers whole or in pieces)."""
+        n = self._shape[1]
+        return self._matmul(x, e * n, n, self.compute_dtype, prompt)
+
+    def extra_repr(self) -> str:
+        return f"{self._shape[0]} x ({self._shape[1]}, {self._shape[2]}), {self.type_name} as stored"
+
+
+STACKS = ("gate_proj", "up_proj", "down_proj")
+
+
+class GGUFExperts(Experts):
+    """`chatlm.models.moe.Experts` with its stacks kept as stored: routing as there, and each chosen expert reads
+    only its own blocks (decoding: the block kernel; a prompt's tokens per expert: dequantized tiles)."""
+
+    def __init__(self, experts: Experts, compute_dtype: torch.dtype | None):
+        nn.Module.__init__(self)  # not Experts': its float stacks are what this module does without
+        count, two_i, hidden = experts.gate_up_proj.shape
+        self.act, self.offset = experts.act, experts.offset
+        self.gate_proj = GGUFExpertStack(count, two_i // 2, hidden, compute_dtype)
+        self.up_proj = GGUFExpertStack(count, two_i // 2, hidden, compute_dtype)
+        self.down_proj = GGUFExpertStack(count, hidden, two_i // 2, compute_dtype)
+
+        self._prompt = False  # whether the current call's tokens make a prompt (see forward)
+
+    def num_held(self) -> int:
+        return self.gate_proj.weight_shape[0]
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # decoding or a prompt by the call's tokens, as the dense layers decide, not by each expert's share
+        self._prompt = x.shape[0] > NATIVE_MAX_ROWS
+        return super().forward(x, chosen, weights)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate_proj(e, x, self._prompt)) * self.up_proj(e, x, self._prompt)
+        return self.down_proj(e, h, self._prompt).to(x.dtype)
 
 
 class GGUFEmbedding(_Blocks):
@@ -208,18 +273,25 @@ class GGUFEmbedding(_Blocks):
 def keep_gguf_modules(
     model: nn.Module, names: set[str], dtype: torch.dtype, compute_dtype: torch.dtype | None
 ) -> dict[str, nn.Module]:
-    """Put GGUF modules in place of the linear layers and embeddings whose checkpoint weight (``<module>.weight``)
-    is in ``names`` (on the meta device, before loading); returns weight name -> module. With tied word
-    embeddings the head shares the embedding's blocks (the loader ties them)."""
+    """Put GGUF modules in place of the linear layers, embeddings and expert stacks whose checkpoint weight
+    (``<module>.weight``; an MoE layer's ``<experts>.gate_proj`` / ``up_proj`` / ``down_proj``) is in ``names``
+    (on the meta device, before loading); returns weight name -> module. With tied word embeddings the head
+    shares the embedding's blocks (the loader ties them)."""
     swapped: dict[str, nn.Module] = {}
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, module in list(model.named_modules()):
-        if f"{name}.weight" not in names and not (
+        new: nn.Module
+        if isinstance(module, Experts):
+            if not all(f"{name}.{stack}" in names for stack in STACKS):
+                continue  # one stack in another format: the experts load as float
+            new = GGUFExperts(module, compute_dtype)
+            swapped |= {f"{name}.{stack}": getattr(new, stack) for stack in STACKS}
+        elif f"{name}.weight" not in names and not (
             tied and name == "lm_head" and "model.embed_tokens.weight" in names
         ):
             continue
-        if isinstance(module, nn.Linear):
-            new: nn.Module = GGUFLinear(module, compute_dtype)
+        elif isinstance(module, nn.Linear):
+            new = GGUFLinear(module, compute_dtype)
             new.refine_top = REFINE_TOP if name == "lm_head" else 0
         elif isinstance(module, nn.Embedding):
             new = GGUFEmbedding(module, dtype)

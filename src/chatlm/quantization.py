@@ -569,4 +569,8 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig, dtype: torch.
 def quantized_slots(model: nn.Module) -> dict[str, nn.Module]:
     """Checkpoint name of each quantized weight -> the module that takes it (``load_weight``: ours, or
     `chatlm.gguf_layers`' modules, which keep GGUF blocks as stored)."""
-    return {f"{name}.weight": m for name, m in model.named_modules() if hasattr(m, "load_weight")}
+    return {
+        name + getattr(m, "weight_suffix", ".weight"): m
+        for name, m in model.named_modules()
+        if hasattr(m, "load_weight")
+    }

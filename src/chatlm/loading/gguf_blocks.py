@@ -18,7 +18,8 @@ from .gguf_dequant import k4_scales
 
 
 class GGUFBlocks:
-    """A GGUF tensor's raw blocks, (rows, bytes per row) uint8, delivered to a quantized module as they are."""
+    """A GGUF tensor's raw blocks, (rows, bytes per row) uint8, delivered to a quantized module as they are; a
+    stack of matrices (MoE experts, ``shape`` (experts, out, in)) has experts * out rows."""
 
     def __init__(self, raw: torch.Tensor, ggml_type, shape: tuple[int, ...]):
         self.raw, self.ggml_type, self.shape = raw, ggml_type, tuple(shape)
@@ -28,10 +29,10 @@ class GGUFBlocks:
         return self.ggml_type.name
 
     def dequantize(self) -> torch.Tensor:
-        return self.float_rows(0, self.shape[0])
+        return self.float_rows(0, self.raw.shape[0]).view(self.shape)
 
     def float_rows(self, start: int, stop: int) -> torch.Tensor:
-        return gguf_dequant.dequantize(self.raw[start:stop], self.ggml_type, (stop - start, *self.shape[1:]))
+        return gguf_dequant.dequantize(self.raw[start:stop], self.ggml_type, (stop - start, self.shape[-1]))
 
     @property
     def int4_native(self) -> bool:

@@ -9,6 +9,7 @@ blocks stay 4-bit (see `chatlm.quantization`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -116,6 +117,7 @@ ARCH_LAYER_NAMES = {
 ARCH_LAYER_NAMES["phi3"] = {"ffn_up.weight": "mlp.gate_up_proj.weight"}
 # Tensors that are config, not weights: llama.cpp keeps Phi-3's longrope factors as tensors.
 ROPE_FACTOR_TENSORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
+ROPE_FREQS_TENSOR = "rope_freqs.weight"  # Llama 3.1+'s rope scaling, as a divisor per frequency
 
 
 def _gemma_extras(meta: Callable[..., Any], layers_27b: int) -> dict[str, Any]:
@@ -238,6 +240,9 @@ def gguf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     }
     if factors:
         config["rope_scaling"] = {"rope_type": "longrope", **factors}
+    freqs = [t for t in reader.tensors if t.name == ROPE_FREQS_TENSOR]
+    if freqs:  # Llama 3.1+: the converter writes llama3 rope scaling as each frequency's divisor
+        config["rope_scaling"] = {"rope_type": "freq_factors", "factors": _dequantize(freqs[0]).tolist()}
     if arch in CONFIG_EXTRAS:
         config.update(CONFIG_EXTRAS[arch](meta))
     missing = [
@@ -295,7 +300,8 @@ def _unpermute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
 def _keepable(tensor: GGUFTensor, arch: str, name: str) -> bool:
     """Whether a tensor can go to a quantized module as raw blocks: block-quantized, a matrix, rows that can be
     unpermuted whole, and no fix to apply to its float values."""
-    if len(tensor.shape) != 2 or tensor.ggml_type not in gguf_dequant.FAST_TYPES:
+    stack = len(tensor.shape) == 3 and ".mlp.experts." in name  # an MoE layer's experts, stacked
+    if (len(tensor.shape) != 2 and not stack) or tensor.ggml_type not in gguf_dequant.FAST_TYPES:
         return False
     if tensor.ggml_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
         return False
@@ -358,7 +364,7 @@ def _read_tensors(
 ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
     arch = field_value(reader, "general.architecture")
     for tensor in reader.tensors:
-        if tensor.name in ROPE_FACTOR_TENSORS:
+        if tensor.name in ROPE_FACTOR_TENSORS or tensor.name == ROPE_FREQS_TENSOR:
             continue  # read into the config
         name = hf_name(tensor.name, arch)
         if name is None:
@@ -367,7 +373,7 @@ def _read_tensors(
         shape = tensor.shape
         whole_rows = heads is None or shape[0] % (2 * heads) == 0
         if name in keep_quantized and whole_rows and _keepable(tensor, arch, name):
-            raw = tensor.torch_bytes().view(shape[0], -1)
+            raw = tensor.torch_bytes().view(math.prod(shape[:-1]), -1)  # a row of blocks per output
             if heads is not None:
                 raw = _unpermute_rows(raw, heads)
             yield name, GGUFBlocks(raw, tensor.ggml_type, shape)

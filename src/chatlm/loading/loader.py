@@ -96,7 +96,9 @@ def load_state(
     for origin, tensor in tensors:
         if origin.endswith("rotary_emb.inv_freq"):
             continue  # a buffer old checkpoints saved; we compute it
-        name, index = model.checkpoint_slot(origin)
+        # a module that takes this tensor whole as it comes (an MoE layer's GGUF stack kept as stored), else
+        # where the model puts it
+        name, index = (origin, ()) if origin in quantized else model.checkpoint_slot(origin)
         if name is None:
             continue  # a part of the checkpoint the model does not use (Gemma 3's vision tower)
         if name in shards and (not index or index[0] == slice(None)):  # the whole, or a stack over experts

@@ -65,7 +65,7 @@ def plan_memory(model: nn.Module, dtype: torch.dtype, stored_bytes: dict[str, in
                 continue  # shares the embedding's table
             count = module.num_weights()
             parameters += count
-            key = f"{name}.weight"
+            key = name + getattr(module, "weight_suffix", ".weight")
             if key in stored_bytes:
                 weights += stored_bytes[key]
             else:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su")
+# freq_factors: a divisor per frequency ("factors"), as GGUF files store Llama 3.1+'s llama3 scaling
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su", "freq_factors")
 
 
 @dataclass

@@ -90,6 +90,8 @@ def rope_inverse_frequencies(config: ModelConfig, long: bool = False) -> torch.T
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         inv_freq = _llama3_frequencies(inv_freq, scaling)
+    elif kind == "freq_factors":  # llama3's scaling as a GGUF file stores it: the divisor of each frequency
+        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     return inv_freq
 
 

@@ -76,6 +76,10 @@ class Experts(nn.Module):
         self.act = act
         self.offset = offset
 
+    def num_held(self) -> int:
+        """The experts this module holds."""
+        return self.gate_up_proj.shape[0]
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         # gate_up_proj[e] is a contiguous view: no weight is copied, only expert e's are read.
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
@@ -83,7 +87,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H); token n goes to experts ``chosen[n]`` (N, k) with ``weights[n]``; returns (N, H)."""
-        held = self.gate_up_proj.shape[0]
+        held = self.num_held()
         if x.shape[0] == 1:  # one token (decode): no grouping needed
             out = torch.zeros_like(x)
             for slot, e in enumerate(chosen[0].tolist()):
