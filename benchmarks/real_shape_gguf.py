@@ -23,7 +23,7 @@ byte-level BPE tokenizer (bundled with chatlm's test model), padded to the model
 262144 tokens are Gemma 3 1B's vocabulary.
 
 Not reproduced: Llama 3.2's llama3 rope scaling (the converter writes it as a ``rope_freqs`` tensor, which
-chatlm's loader does not accept yet); it changes the rotary frequencies, not the amount of work.
+chatlm reads as a divisor per frequency); it changes the rotary frequencies, not the amount of work.
 """
 
 from __future__ import annotations

@@ -433,13 +433,16 @@ static inline __attribute__((always_inline)) void row_dot_k_512(int type, const 
         } else { /* Q4_K, Q5_K: v[c] holds groups (0, 2), (1, 3), (4, 6), (5, 7) (x is laid out to match) */
             d = f16(b);
             dmin = f16(b + 2);
-            uint32_t w[3], sc[2], mn[2];
-            memcpy(w, b + 4, 12);
-            sc[0] = w[0] & 0x3f3f3f3fu;
-            sc[1] = (w[2] & 0x0f0f0f0fu) | ((w[0] >> 2) & 0x30303030u);
-            mn[0] = w[1] & 0x3f3f3f3fu;
-            mn[1] = ((w[2] >> 4) & 0x0f0f0f0fu) | ((w[1] >> 2) & 0x30303030u);
-            const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
+            /* the 6-bit scales and mins of 8 groups, from the 12 bytes after d and dmin (32-bit words w0-w2 in
+             * lanes 1-3), in vector registers: lanes [scales 0-3, scales 4-7, mins 0-3, mins 4-7] */
+            const __m128i head = _mm_loadu_si128((const __m128i *)b);
+            const __m128i low_bits = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(head, 0xed /* w0 w2 w1 w2 */),
+                                                                  _mm_set_epi32(4, 0, 0, 0)),
+                                                   _mm_set_epi32(0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f));
+            const __m128i high_bits = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(head, 0xa5 /* w0 w0 w1 w1 */), 2),
+                                                    _mm_set_epi32(0x30303030, 0, 0x30303030, 0));
+            const __m128i sm = _mm_or_si128(low_bits, high_bits);
+            const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
             const uint8_t *qs = b + (type == Q4_K ? 16 : 48);
             const __m512i q0 = _mm512_loadu_si512((const void *)qs), q1 = _mm512_loadu_si512((const void *)(qs + 64));
             v[0] = _mm512_and_si512(q0, low);
@@ -458,8 +461,7 @@ static inline __attribute__((always_inline)) void row_dot_k_512(int type, const 
             }
             static const int pair[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
             for (int c = 0; c < 4; c++) scale[c] = scale_pair(scales, pair[c][0], pair[c][1]);
-            const __m128i m8 = _mm_loadl_epi64((const __m128i *)mn);
-            per16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)); /* each min twice */
+            per16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm)); /* each min twice */
         }
         /* offsets: Q6_K's values are u - 32, so - 32 d sum(scale * x); Q4_K's and Q5_K's - dmin sum(min * x) */
         const float per16_factor = type == Q6_K ? -32.f * d : -dmin;
