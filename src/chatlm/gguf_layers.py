@@ -297,8 +297,7 @@ def keep_gguf_modules(
             new = GGUFEmbedding(module, dtype)
         else:
             continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        model.set_submodule(name, new)
         if f"{name}.weight" in names:
             swapped[f"{name}.weight"] = new
     return swapped

@@ -561,8 +561,7 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig, dtype: torch.
             new = QuantizedEmbedding(module, dtype)
         else:
             continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        model.set_submodule(name, new)
     model.quantization_config = config
 
 

@@ -95,23 +95,18 @@ class GemmaDecoderLayer(nn.Module):
 
     def fusable_parts(self) -> FusableParts | None:
         """The pieces of this layer for the fused decode kernel (Gemma 2's attention softcapping is not its math)."""
-        a, m = self.self_attn, self.mlp
+        a = self.self_attn
         if a.softcap is not None:
             return None
-        return FusableParts(
+        return FusableParts.of(
+            a,
+            self.mlp,
             input_norm=self.input_layernorm,
             post_attention_norm=self.post_attention_layernorm if self.sandwich else None,
             pre_mlp_norm=self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm,
             post_mlp_norm=self.post_feedforward_layernorm if self.sandwich else None,
             q_norm=a.q_norm if a.qk_norm else None,
             k_norm=a.k_norm if a.qk_norm else None,
-            projections=(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
-            activation=m.act_name,
-            heads=a.num_heads,
-            kv_heads=a.num_kv_heads,
-            head_dim=a.head_dim,
-            scale=a.scale,
-            window=a.window,
         )
 
     def forward(self, x, cos, sin, masks, cache):

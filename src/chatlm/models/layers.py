@@ -57,6 +57,28 @@ class FusableParts:
     scale: float | None  # None: 1/sqrt(head_dim)
     window: int | None  # the latest positions each query sees (None: all)
 
+    @classmethod
+    def of(cls, attention: nn.Module, mlp: GatedMLP, **norms: nn.Module | None) -> FusableParts:
+        """The parts of a layer with Llama's attention (``models.llama.Attention``) and a gated MLP; ``norms``
+        names the norms it has (the fields ending in ``_norm``; the others are None)."""
+        unknown = set(norms) - NORM_FIELDS
+        if unknown:
+            raise TypeError(f"not a norm of FusableParts: {', '.join(sorted(unknown))}")
+        a, m = attention, mlp
+        return cls(
+            **{name: norms.get(name) for name in sorted(NORM_FIELDS)},
+            projections=(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
+            activation=m.act_name,
+            heads=a.num_heads,
+            kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            scale=a.scale,
+            window=a.window,
+        )
+
+
+NORM_FIELDS = {"input_norm", "post_attention_norm", "pre_mlp_norm", "post_mlp_norm", "q_norm", "k_norm"}
+
 
 class GatedMLP(nn.Module):
     def __init__(self, config: ModelConfig):

@@ -85,21 +85,14 @@ class DecoderLayer(nn.Module):
     def fusable_parts(self) -> FusableParts | None:
         """This layer's pieces for the fused decode kernel (see `FusableParts`). A subclass that changes the math
         (its attention, MLP, norms or residuals) overrides this, to return None unless it still is that."""
-        a, m = self.self_attn, self.mlp
-        return FusableParts(
+        a = self.self_attn
+        return FusableParts.of(
+            a,
+            self.mlp,
             input_norm=self.input_layernorm,
-            post_attention_norm=None,
             pre_mlp_norm=self.post_attention_layernorm,
-            post_mlp_norm=None,
             q_norm=getattr(a, "q_norm", None),  # Qwen3's, over each head
             k_norm=getattr(a, "k_norm", None),
-            projections=(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
-            activation=m.act_name,
-            heads=a.num_heads,
-            kv_heads=a.num_kv_heads,
-            head_dim=a.head_dim,
-            scale=a.scale,
-            window=a.window,
         )
 
 

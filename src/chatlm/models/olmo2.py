@@ -39,21 +39,14 @@ class Olmo2DecoderLayer(nn.Module):
 
     def fusable_parts(self) -> FusableParts:
         """Norms after attention and after the MLP, none before; q and k normalised over all heads."""
-        a, m = self.self_attn, self.mlp
-        return FusableParts(
-            input_norm=None,
+        a = self.self_attn
+        return FusableParts.of(
+            a,
+            self.mlp,
             post_attention_norm=self.post_attention_layernorm,
-            pre_mlp_norm=None,
             post_mlp_norm=self.post_feedforward_layernorm,
             q_norm=a.q_norm,
             k_norm=a.k_norm,
-            projections=(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
-            activation=m.act_name,
-            heads=a.num_heads,
-            kv_heads=a.num_kv_heads,
-            head_dim=a.head_dim,
-            scale=a.scale,
-            window=a.window,
         )
 
     def forward(self, x, cos, sin, masks, cache):
