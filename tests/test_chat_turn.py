@@ -122,3 +122,50 @@ def test_the_pipeline_and_the_server_take_the_same_turn(shared_dir, bundled_mode
     assert message.content == ours["content"]
     calls = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
     assert calls == [(c["function"]["name"], c["function"]["arguments"]) for c in ours.get("tool_calls", [])]
+
+
+def test_content_parts_reach_a_text_template_as_text(shared_dir):
+    """OpenAI-style content parts: joined with newlines for a template that reads content as a string, kept as
+    text parts for one that loops over them (Gemma 3's); media parts refused with a message that names them."""
+    from chatlm.chat_template import iterates_content_parts, text_content_parts
+
+    templates = shared_dir / "chat_templates" / "templates_public"
+    loops = {
+        name: iterates_content_parts((templates / f"{name}.jinja").read_text())
+        for name in (
+            "gemma-3-it",
+            "llama-3.1-8b-instruct",
+            "qwen2.5-7b-instruct",
+            "smollm2-instruct",
+            "mistral-7b-instruct-v0.3",
+        )
+    }
+    assert loops == {
+        "gemma-3-it": True,
+        "llama-3.1-8b-instruct": False,
+        "qwen2.5-7b-instruct": False,
+        "smollm2-instruct": False,
+        "mistral-7b-instruct-v0.3": False,
+    }
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
+    llama = (templates / "llama-3.1-8b-instruct.jinja").read_text()
+    gemma = (templates / "gemma-3-it.jinja").read_text()
+    assert text_content_parts(llama, chat)[1]["content"] == "Hello\nthere"
+    assert text_content_parts(gemma, chat)[1]["content"] == parts
+    assert chat[1]["content"] is parts  # the caller's chat is left alone
+    for part, named in (
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "an image"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
+        ({"type": "text"}, "must be"),
+    ):
+        with pytest.raises(ValueError, match=f"message 1 \\(user\\): content part 1 .*{named}"):
+            text_content_parts(llama, [chat[0], {"role": "user", "content": [parts[0], part]}])
+
+
+def test_a_turn_with_content_parts_renders_the_joined_text():
+    """The bundled model's ChatML template reads content as a string: parts give the joined text's prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(None)
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    joined = ChatTurn.render(tokenizer, [{"role": "user", "content": "What is the capital\nof France?"}])
+    assert ChatTurn.render(tokenizer, [{"role": "user", "content": parts}]).prompt == joined.prompt

@@ -552,3 +552,93 @@ def test_serve_command_shuts_down_cleanly_on_sigterm(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_content_parts_are_text_and_media_parts_a_400(client, bundled_model):
+    """What the openai SDK and chat front ends send: text parts, joined as OpenAI's server joins them for a text
+    model (the greedy reply to the joined text); an image to this text-only model is a 400 that says so."""
+    joined = [{"role": "user", "content": "What is the capital\nof France?"}]
+    text, prompt_tokens, _ = greedy_reply(bundled_model, joined, 20)
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    r = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=20
+    )
+    assert r.choices[0].message.content == text and r.usage.prompt_tokens == prompt_tokens
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError, match="an image .* text only") as refused:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": [parts[0], image]}])
+    assert refused.value.body["param"] == "messages"
+
+
+def test_logit_bias_moves_the_tokens_it_names(client, bundled_model, server):
+    """OpenAI's logit_bias: added to the logits before the choice. -100 on the greedy token gives the runner-up;
+    +100 on an unlikely token makes it the reply; ids outside the vocabulary and biases past +-100 are a 400."""
+    tok = AutoTokenizer.from_pretrained(None)
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = bundled_model(ids).logits[0, -1]
+    first, second = logits.topk(2).indices.tolist()
+    unlikely = 200 + int(logits[200:2000].argmin())  # ordinary tokens, not special ones
+
+    def reply(bias: dict) -> str:
+        r = client.chat.completions.create(
+            model=NAME, messages=messages, temperature=0, max_tokens=1, logit_bias=bias
+        )
+        return r.choices[0].message.content
+
+    assert reply({}) == tok.decode([first])
+    assert reply({str(first): -100}) == tok.decode([second])
+    assert reply({str(unlikely): 100}) == tok.decode([unlikely])
+    for bias, says in (({"99999999": 1}, "outside the vocabulary"), ({"5": 500}, "from -100 to 100")):
+        with pytest.raises(openai.BadRequestError, match=says) as refused:
+            reply(bias)
+        assert refused.value.body["param"] == "logit_bias"
+
+
+def test_unknown_parameters_are_refused_and_replies_carry_a_fingerprint(server, client):
+    """As OpenAI's API does, a parameter chatlm does not read is a 400 naming it (on both endpoints), never a 200
+    that ignored it; a known one with a value chatlm cannot honour too. Replies carry a system_fingerprint."""
+    url = server[0]
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for path, body in (
+        ("/v1/chat/completions", {**chat, "grammar": "root ::= 'a'"}),
+        ("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 2, "grammar": "root ::= 'a'"}),
+    ):
+        e = error(httpx.post(url + path, json=body, timeout=60), 400)
+        assert e["param"] == "grammar" and "Unrecognized request argument" in e["message"]
+    for extra, param in (({"parallel_tool_calls": False}, "parallel_tool_calls"), ({"store": True}, "store")):
+        assert (
+            error(httpx.post(url + "/v1/chat/completions", json={**chat, **extra}, timeout=60), 400)["param"]
+            == param
+        )
+    # the client's own labels are accepted, as in OpenAI's API
+    first = client.chat.completions.create(**chat, user="someone", metadata={"run": "1"})
+    second = client.completions.create(model=NAME, prompt="Hi", max_tokens=2)
+    assert (
+        first.system_fingerprint.startswith("fp_") and first.system_fingerprint == second.system_fingerprint
+    )
+    chunks = list(client.chat.completions.create(**chat, stream=True))
+    assert {c.system_fingerprint for c in chunks} == {first.system_fingerprint}
+
+
+def test_cors_is_off_unless_an_origin_is_allowed(server, bundled_model):
+    """A browser's preflight: refused by default (no page elsewhere drives a local model unasked); with
+    cors_origins (``chatlm serve --cors-origin``), the allowed origin gets the CORS headers, another does not."""
+    preflight = {
+        "Origin": "http://localhost:3000",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization",
+    }
+    default = httpx.options(server[0] + "/v1/chat/completions", headers=preflight, timeout=60)
+    assert default.status_code >= 400 and "access-control-allow-origin" not in default.headers
+    with running_server(bundled_model, cors_origins=("http://localhost:3000",)) as (url, _):
+        allowed = httpx.options(url + "/v1/chat/completions", headers=preflight, timeout=60)
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.options(
+            url + "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.test"}
+        )
+        assert "access-control-allow-origin" not in other.headers
+        r = httpx.get(url + "/v1/models", headers={"Origin": "http://localhost:3000"}, timeout=60)
+        assert r.headers["access-control-allow-origin"] == "http://localhost:3000"

@@ -1052,6 +1052,77 @@ def validate_chat(messages: Any) -> list[dict]:
     return list(messages)
 
 
+# Content parts of other kinds than text (OpenAI's and Anthropic's names), for a clear refusal: chatlm's models
+# read text.
+_MEDIA_PARTS = {
+    "image_url": "an image",
+    "image": "an image",
+    "input_image": "an image",
+    "input_audio": "audio",
+    "audio": "audio",
+    "video": "a video",
+    "video_url": "a video",
+    "file": "a file",
+    "input_file": "a file",
+    "document": "a document",
+}
+
+
+@functools.lru_cache(maxsize=64)
+def iterates_content_parts(template: str) -> bool:
+    """Whether the template loops over a message's ``content`` itself (as Gemma 3's does, for parts): such a
+    template gets content parts as they are; others get their text joined (see `text_content_parts`)."""
+
+    def names_content(node: nodes.Node) -> bool:
+        if isinstance(node, nodes.Getattr):
+            return node.attr == "content"
+        return (
+            isinstance(node, nodes.Getitem)
+            and isinstance(node.arg, nodes.Const)
+            and node.arg.value == "content"
+        )
+
+    for loop in _environment().parse(template).find_all(nodes.For):
+        if names_content(loop.iter) or any(
+            names_content(n) for n in loop.iter.find_all((nodes.Getattr, nodes.Getitem))
+        ):
+            return True
+    return False
+
+
+def text_content_parts(template: str, messages: list[dict]) -> list[dict]:
+    """The chat with each message's content parts as a text model's template takes them: the text parts joined
+    with newlines into a string (as OpenAI's and vLLM's servers do for text-only models), or, for a template that
+    loops over parts itself, the text parts as they are. A part of another kind (an image, audio) or a malformed
+    one is a ValueError that names it."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type")
+            if kind in _MEDIA_PARTS:
+                raise ValueError(
+                    f"message {i} ({message.get('role')}): content part {j} is {_MEDIA_PARTS[kind]} ({kind!r}), "
+                    "and this model reads text only"
+                )
+            if kind not in ("text", "input_text", "output_text") or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"message {i} ({message.get('role')}): content part {j} must be "
+                    f"{{'type': 'text', 'text': '...'}}, not {part!r}"
+                )
+            texts.append(part["text"])
+        if iterates_content_parts(template):
+            parts = [{"type": "text", "text": text} for text in texts]
+            out.append({**message, "content": parts})
+        else:
+            out.append({**message, "content": "\n".join(texts)})
+    return out
+
+
 def _tool_schema(tool: Any) -> Mapping:
     """A tool as the template sees it: a JSON schema as given, or one built from a Python function."""
     if isinstance(tool, Mapping):

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .chat_template import text_content_parts, validate_chat
 from .reply_parsing import ReplyDelta, ReplyFormat, ReplyParser, detect_reply_format
 from .tool_schema import get_json_schema
 
@@ -84,12 +85,14 @@ class ChatTurn:
         """Render `messages` for the model's reply (or, with ``continue_final_message``, to go on with the last
         message). `tool_choice` ("required" or a named function, with `tools`) makes the reply start with a tool
         call; a format chatlm cannot start one in raises `UnsupportedToolChoice`, before anything is rendered.
-        ``json_object``: the request asks for a JSON reply. Errors of the template are the tokenizer's
-        (ValueError, TypeError)."""
+        ``json_object``: the request asks for a JSON reply. Content parts reach the template as text (see
+        `chatlm.chat_template.text_content_parts`). Errors of the template are the tokenizer's (ValueError,
+        TypeError)."""
         reply_format = reply_format_for(tokenizer, tools)
         forced = forced_opening(reply_format, tool_choice) if tools else ""
+        chat = text_content_parts(tokenizer.get_chat_template(None, tools), validate_chat(messages))
         text = tokenizer.apply_chat_template(
-            messages,
+            chat,
             tools=tools,
             documents=documents,
             add_generation_prompt=not continue_final_message,

@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait; more get 429 (default 64)",
     )
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API")
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API from a browser; repeatable "
+        "(default: none)",
+    )
     cache_ram(serve)
     weights(serve)
     serve.set_defaults(func=cmd_serve)
@@ -633,6 +641,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_thread=False,
         side=side,
         cache_ram=args.cache_ram << 20,
+        cors_origins=tuple(args.cors_origin),
     )
     engine = app.state.server.engine
     # On SIGTERM or Ctrl-C, in-flight requests get 30 s to finish, then they are cancelled. HTTP runs on a thread

@@ -2,6 +2,7 @@
 ``generate``, every speculative check and the server's batch use.
 
 A row's scores go through, in this order (transformers' order; OpenAI's penalties sit with the other penalty):
+0. ``logit_bias`` (OpenAI): a bias added to the logits of the tokens it names, before anything else;
 1. ``repetition_penalty`` (transformers / CTRL): the score of every token seen in the prompt or the output is
    divided by the penalty when positive, multiplied when negative;
 2. ``frequency_penalty`` and ``presence_penalty`` (OpenAI): minus ``frequency * count + presence * (count > 0)``
@@ -57,6 +58,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: the row ends once its text holds one
     stop_token_ids: tuple[int, ...] = ()  # more tokens that end the row, besides the model's end of sequence
     constraint: Callable[[], Constraint] | None = None  # makes each row's constraint (JSON mode)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias): added to the logits first (OpenAI)
 
     @property
     def greedy(self) -> bool:
@@ -183,6 +185,14 @@ class RowSampler:
             self.history[0, : context.numel()] = context
             self.seen = context.numel()
         self.counts = torch.zeros(vocab_size) if params.presence_penalty or params.frequency_penalty else None
+        self.bias = None  # (token ids, biases)
+        if params.logit_bias:
+            ids, biases = zip(*params.logit_bias)
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                raise ValueError(
+                    f"logit_bias names a token id outside the vocabulary (0 to {vocab_size - 1})"
+                )
+            self.bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(biases, dtype=torch.float32))
 
     @property
     def plain_greedy(self) -> bool:
@@ -191,6 +201,7 @@ class RowSampler:
             self.params.greedy
             and self.history is None
             and self.counts is None
+            and self.bias is None
             and self.constraint is None
             and (self.produced >= self.params.min_tokens or not self.eos)
         )
@@ -199,6 +210,8 @@ class RowSampler:
         """The processed scores (1, vocab) of the raw logits (vocab,) of the row's next token."""
         scores = logits.float()[None]
         p = self.params
+        if self.bias is not None:
+            scores = scores.index_add(1, self.bias[0], self.bias[1][None])
         if self.history is not None:
             scores = repetition_penalty(p.repetition_penalty)(self.history[:, : self.seen], scores)
         if self.counts is not None:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import hmac
+import importlib.metadata
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -25,6 +28,7 @@ from .protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    bad,
     new_id,
     parse_chat,
     parse_completion,
@@ -81,6 +85,14 @@ class Job:
                 self.engine.cancel(self.request)
 
 
+def system_fingerprint(model, name: str) -> str:
+    """OpenAI's ``system_fingerprint``: what, besides the request, decides the replies (chatlm's version, the
+    model, its dtype and quantization); a change of any changes the fingerprint."""
+    quantization = getattr(model, "quantization_config", None)
+    described = f"chatlm {importlib.metadata.version('chatlm')} {name} {model.config.model_type} {model.dtype} {quantization!r}"
+    return "fp_" + hashlib.sha256(described.encode()).hexdigest()[:12]
+
+
 class Server:
     """The state behind the endpoints: the model, its tokenizer, the engine and the options."""
 
@@ -89,6 +101,7 @@ class Server:
         self.api_key, self.engine, self.max_body = api_key, engine, max_body
         self.context = model.config.max_position_embeddings
         self.created = int(time.time())
+        self.fingerprint = system_fingerprint(model, model_name)
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -132,7 +145,14 @@ class Server:
             )
 
     def fit(self, params: SamplingParams, given: bool, prompt_tokens: int) -> None:
-        """Fill in max_tokens, or refuse a prompt that, with it, would not fit the context window."""
+        """Fill in max_tokens, or refuse a prompt that, with it, would not fit the context window (and a
+        logit_bias outside the vocabulary)."""
+        vocab = self.model.config.vocab_size
+        outside = [token for token, _ in params.logit_bias if token >= vocab]
+        if outside:
+            raise bad(
+                "logit_bias", f"'logit_bias' names token {outside[0]}, outside the vocabulary of {vocab}"
+            )
         room = self.context - prompt_tokens
         if given and params.max_tokens > room:
             over = params.max_tokens - room
@@ -179,13 +199,14 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def stream_chunk(kind: str, ident: str, created: int, model: str, req, choices: list, **extra) -> str:
+def stream_chunk(kind: str, ident: str, created: int, server: Server, req, choices: list, **extra) -> str:
     """One server-sent event of a stream; with include_usage, every chunk carries "usage" (null until the last)."""
     body: dict[str, Any] = {
         "id": ident,
         "object": kind,
         "created": created,
-        "model": model,
+        "model": server.name,
+        "system_fingerprint": server.fingerprint,
         "choices": choices,
     }
     if req.include_usage:
@@ -282,6 +303,7 @@ async def chat_completions(server: Server, http: Request) -> Any:
         "object": "chat.completion",
         "created": created,
         "model": server.name,
+        "system_fingerprint": server.fingerprint,
         "choices": choices,
         "usage": usage(len(prompt), sum(counts), job.request.cached_tokens),
     }
@@ -327,7 +349,7 @@ async def _chat_stream(
     turn: ChatTurn,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], **extra) -> str:
-        return stream_chunk("chat.completion.chunk", ident, created, server.name, req, choices, **extra)
+        return stream_chunk("chat.completion.chunk", ident, created, server, req, choices, **extra)
 
     def choice(index: int, delta: dict[str, Any], logprobs=None, finish: str | None = None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -444,6 +466,7 @@ async def completions(server: Server, http: Request) -> Any:
         "object": "text_completion",
         "created": created,
         "model": server.name,
+        "system_fingerprint": server.fingerprint,
         "choices": choices,
         "usage": usage(sum(len(p) for p in prompts) * req.n, generated, _cached(jobs) * req.n),
     }
@@ -472,7 +495,7 @@ async def _completion_stream(
     server, req: CompletionRequest, jobs: list[Job], ident: str, created: int, prompts, texts
 ) -> AsyncIterator[str]:
     def chunk(choices, **extra) -> str:
-        return stream_chunk("text_completion", ident, created, server.name, req, choices, **extra)
+        return stream_chunk("text_completion", ident, created, server, req, choices, **extra)
 
     generated = 0
     for (j, i), text in texts.items():
@@ -516,12 +539,14 @@ def create_app(
     engine_thread: bool = True,
     side=None,
     cache_ram: int = DEFAULT_MAX_BYTES,
+    cors_origins: tuple[str, ...] = (),
 ) -> FastAPI:
     """The OpenAI-compatible app around one model. Its engine's thread starts here (``engine_thread=False``:
     the caller runs ``app.state.server.engine.run()`` itself) and stops with the app's lifespan. ``side``: how
     the engine reaches the model (`model_side`; tensor parallelism passes rank 0's broadcasting one, with its
     own prefix cache). ``cache_ram``: bytes of keys and values kept for prompts that start as earlier ones did
-    (0: off)."""
+    (0: off). ``cors_origins``: the web origins whose pages may call the API from a browser (CORS; none by
+    default, "*" for any)."""
     engine = Engine(
         model,
         tokenizer,
@@ -540,6 +565,14 @@ def create_app(
 
     app = FastAPI(title="chatlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    if cors_origins:  # off by default: a page elsewhere must not drive a local model unasked
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            allow_credentials="*" not in cors_origins,
+        )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:

@@ -61,6 +61,45 @@ class CompletionRequest(CommonOptions):
     echo: bool = False
 
 
+# The fields each endpoint reads. Like OpenAI's API, anything else is a 400 that names it, so that a client never
+# takes a parameter for honoured when it is not (vLLM's and llama.cpp's top_k, min_p and repetition_penalty are
+# honoured extensions). "user" and "metadata" are the client's own labels, with no effect on the reply in OpenAI's
+# API either.
+_SAMPLING_FIELDS = {
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+    "presence_penalty", "frequency_penalty", "logprobs", "n", "stream", "stream_options", "logit_bias", "user",
+    "metadata",
+}  # fmt: skip
+CHAT_FIELDS = _SAMPLING_FIELDS | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "response_format",
+    "parallel_tool_calls", "store", "service_tier",
+}  # fmt: skip
+COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+
+
+def _known_fields(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise APIError(
+            400,
+            f"Unrecognized request argument supplied: {unknown[0]} (chatlm rejects parameters it does not honour)",
+            param=unknown[0],
+            code="unknown_parameter",
+        )
+    # known, with a value chatlm cannot honour
+    if body.get("parallel_tool_calls") is False:
+        raise bad(
+            "parallel_tool_calls",
+            "'parallel_tool_calls': false is not supported (replies may hold several calls)",
+        )
+    if body.get("store"):
+        raise bad("store", "'store': true is not supported: chatlm keeps no completions")
+    if body.get("service_tier") not in (None, "auto", "default"):
+        raise bad("service_tier", "'service_tier' must be 'auto' or 'default' on chatlm")
+    if body.get("best_of") not in (None, 1):
+        raise bad("best_of", "'best_of' other than 1 is not supported: use 'n'")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
@@ -116,6 +155,19 @@ def _stop(fields: _Fields) -> tuple[str, ...]:
     return tuple(stop)
 
 
+def _logit_bias(fields: _Fields) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: token id (a string of digits, as JSON keys are) -> a bias from -100 to 100."""
+    bias = fields.get("logit_bias", (dict,), {}, "an object mapping token ids to biases")
+    out = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad("logit_bias", f"'logit_bias' keys must be token ids, not {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise bad("logit_bias", f"'logit_bias' values must be numbers from -100 to 100, not {value!r}")
+        out.append((int(key), float(value)))
+    return tuple(out)
+
+
 def _common(fields: _Fields, default_max_tokens: int | None, max_n: int, logprobs: int | None) -> dict:
     model = fields.get("model", (str,), None, "a string")
     max_tokens = fields.integer("max_completion_tokens", None, 1)
@@ -141,6 +193,7 @@ def _common(fields: _Fields, default_max_tokens: int | None, max_n: int, logprob
         presence_penalty=fields.number("presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=fields.number("frequency_penalty", 0.0, -2.0, 2.0),
         logprobs=logprobs,
+        logit_bias=_logit_bias(fields),
     )
     if params.top_p == 0:
         raise bad("top_p", "'top_p' must be greater than 0")
@@ -159,6 +212,7 @@ def _common(fields: _Fields, default_max_tokens: int | None, max_n: int, logprob
 def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
     from ..chat_template import validate_chat
 
+    _known_fields(body, CHAT_FIELDS)
     fields = _Fields(body)
     if "messages" not in body:
         raise bad("messages", "'messages' is required: a list of {'role', 'content'} messages")
@@ -200,6 +254,7 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
 
 
 def parse_completion(body: dict[str, Any], max_n: int) -> CompletionRequest:
+    _known_fields(body, COMPLETION_FIELDS)
     fields = _Fields(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (
