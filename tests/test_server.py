@@ -642,3 +642,117 @@ def test_cors_is_off_unless_an_origin_is_allowed(server, bundled_model):
         assert "access-control-allow-origin" not in other.headers
         r = httpx.get(url + "/v1/models", headers={"Origin": "http://localhost:3000"}, timeout=60)
         assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "colors": {
+                "type": "array",
+                "items": {"enum": ["red", "green", "blue"]},
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["colors"],
+        "additionalProperties": False,  # as OpenAI's strict mode asks: else the model may add keys for ever
+    },
+    {"type": "array", "items": {"type": "number", "minimum": -5, "maximum": 5}, "minItems": 2, "maxItems": 4},
+    {
+        "$defs": {
+            "point": {
+                "type": "object",
+                "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
+        "type": "object",
+        "properties": {"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}},
+        "required": ["start", "end"],
+        "additionalProperties": False,
+    },
+    {
+        "anyOf": [
+            {"type": "boolean"},
+            {
+                "type": "object",
+                "properties": {"ok": {"const": True}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            },
+        ]
+    },
+]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_replies_follow_the_schema(client, temperature):
+    """response_format json_schema: the grammar engine keeps every reply valid for its schema (checked by the
+    jsonschema package), greedy and sampled, and the reply ends when the document is complete."""
+    import jsonschema
+
+    for i, schema in enumerate(SCHEMAS):
+        r = client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "Describe a person, some colours or points, in JSON."}],
+            max_tokens=120,
+            temperature=temperature,
+            seed=i,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": f"s{i}", "schema": schema, "strict": True},
+            },
+        )
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_a_schema_the_engine_cannot_compile_is_a_400(client):
+    """Never a silently unconstrained reply: a schema that cannot be compiled says why."""
+    for schema, says in (
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
+        ({"type": "integer", "minimum": 5, "maximum": 1}, "compiled"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=says) as refused:
+            client.chat.completions.create(
+                model=NAME,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=8,
+                response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+            )
+        assert refused.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError, match="name"):
+        client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "Hi"}],
+            response_format={"type": "json_schema", "json_schema": {"schema": {}}},
+        )
+
+
+def test_json_schema_holds_every_row_of_a_batch(client):
+    """n sampled replies decode as rows of one batch, each with its own place in the grammar."""
+    import jsonschema
+
+    schema = SCHEMAS[1]
+    r = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Pick some colours."}],
+        max_tokens=60,
+        temperature=1.2,
+        seed=11,
+        n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "colours", "schema": schema}},
+    )
+    replies = [c.message.content for c in r.choices]
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), schema)
+    assert len(set(replies)) > 1  # the rows drew apart: each followed the grammar on its own

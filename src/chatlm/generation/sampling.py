@@ -9,9 +9,10 @@ A row's scores go through, in this order (transformers' order; OpenAI's penaltie
    over the tokens of the output only;
 3. when sampling (``temperature > 0``): temperature, top-k, top-p, min-p;
 4. end-of-sequence tokens are banned while fewer than ``min_tokens`` were generated;
-5. a `Constraint` (JSON mode, a forced tool call) keeps only the tokens it allows: greedy takes the most likely
-   allowed token; sampling draws and draws again without a refused token, which draws from the distribution
-   restricted to the allowed tokens exactly.
+5. a `Constraint` (JSON mode, a forced tool call, a JSON schema's grammar) keeps only the tokens it allows:
+   greedy takes the most likely allowed token; sampling draws from the distribution restricted to the allowed
+   tokens (a grammar masks them all at once; the others are asked token by token, drawing again without a
+   refused one, which is the same distribution).
 Then the argmax (greedy) or a draw; a speculative guess is kept or replaced by the rejection rule (`accept`).
 """
 
@@ -266,6 +267,15 @@ class RowSampler:
         return TokenLogprob(token, float(logprobs[token]), pairs)
 
     def _constrained(self, scores: torch.Tensor) -> int:
+        mask = getattr(self.constraint, "mask", None)
+        if mask is not None:  # a grammar engine's mask of every allowed token at once
+            allowed = mask()
+            if not bool(allowed.any()):
+                return next(iter(self.eos), int(scores.argmax()))  # nothing may follow: end here
+            scores = scores.masked_fill(~allowed, -float("inf"))
+            if self.params.greedy:
+                return int(scores.argmax())
+            return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
         allows = self.constraint.allows
         if not self.params.greedy:
             probs = scores.softmax(-1)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..chat_turn import ChatTurn, UnsupportedToolChoice
+from ..generation import grammar
 from ..generation.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from . import engine as engine_module
 from .engine import Delta, Engine, EngineStopped, QueueFull, SamplingParams
@@ -251,6 +252,8 @@ async def chat_completions(server: Server, http: Request) -> Any:
     server.check_model(req.model)
     turn = _chat_turn(server.tokenizer, req)
     _constrain_json(server, req.params, turn)
+    if req.json_schema is not None:
+        _constrain_to_schema(server, req, turn)
     prompt = turn.prompt_ids
     server.fit(req.params, req.max_tokens_given, len(prompt))
     # markers such as <|python_tag|> may be special tokens: a reply to parse keeps them
@@ -337,6 +340,26 @@ def _constrain_json(server: Server, params: SamplingParams, turn: ChatTurn) -> N
             turn.json_starts,
             not turn.parses_reply,  # the text the JSON is read from skips special tokens as the reply's does
         )
+
+
+def _constrain_to_schema(server: Server, req: ChatRequest, turn: ChatTurn) -> None:
+    """response_format json_schema: the reply is held to the schema by the grammar engine; a schema it cannot
+    compile is a 400 that says why (never an unconstrained reply)."""
+    if turn.parses_reply:
+        raise APIError(
+            400,
+            "response_format 'json_schema' together with tools (or a reasoning model's reply format) is not "
+            "supported yet",
+            param="response_format",
+            code="unsupported",
+        )
+    vocab, eos = server.model.config.vocab_size, list(server.engine.eos)
+    try:
+        engine_tok = grammar.engine_tokenizer(server.tokenizer, eos, vocab)
+        compiled = grammar.json_schema_grammar(req.json_schema, engine_tok)
+    except grammar.GrammarError as e:
+        raise APIError(400, str(e), param="response_format", code="invalid_json_schema") from e
+    req.params.constraint = functools.partial(grammar.GrammarConstraint, engine_tok, compiled, vocab, eos)
 
 
 async def _chat_stream(

@@ -53,6 +53,7 @@ class ChatRequest(CommonOptions):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] = "auto"
     json_object: bool = False
+    json_schema: dict[str, Any] | bool | None = None  # response_format json_schema's schema
 
 
 @dataclass
@@ -209,6 +210,27 @@ def _common(fields: _Fields, default_max_tokens: int | None, max_n: int, logprob
     )
 
 
+def _json_schema(response_format: dict[str, Any]) -> dict[str, Any] | bool:
+    """OpenAI's ``{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}``: the
+    schema (the reply is held to it whether or not ``strict`` is set: chatlm has no looser mode)."""
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad(
+            "response_format", "'response_format.json_schema' must be an object with 'name' and 'schema'"
+        )
+    name = spec.get("name")
+    if not isinstance(name, str) or not name or len(name) > 64:
+        raise bad(
+            "response_format", "'response_format.json_schema.name' must be a name of 1 to 64 characters"
+        )
+    if not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise bad("response_format", "'response_format.json_schema.strict' must be true or false")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, (dict, bool)):
+        raise bad("response_format", "'response_format.json_schema.schema' must be a JSON schema (an object)")
+    return schema
+
+
 def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
     from ..chat_template import validate_chat
 
@@ -241,8 +263,12 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
         raise bad("tool_choice", "'tool_choice' is 'required' but no tools were given")
     response_format = fields.get("response_format", (dict,), {"type": "text"}, "an object")
     kind = response_format.get("type")
-    if kind not in ("text", "json_object"):
-        raise bad("response_format", f"'response_format' type must be 'text' or 'json_object', not {kind!r}")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise bad(
+            "response_format",
+            f"'response_format' type must be 'text', 'json_object' or 'json_schema', not {kind!r}",
+        )
+    schema = _json_schema(response_format) if kind == "json_schema" else None
     common = _common(fields, None, max_n, (top or 0) if wants else None)
     return ChatRequest(
         **common,
@@ -250,6 +276,7 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
         tools=tools if choice != "none" else None,
         tool_choice=choice,
         json_object=kind == "json_object",
+        json_schema=schema,
     )
 
 
