@@ -87,3 +87,33 @@ def test_run_with_prompt_lookup_gives_the_plain_reply():
     assert fast.stdout == plain.stdout
     both = chatlm("run", prompt, "--prompt-lookup", "8", "--draft", "SmolLM2-135M-Instruct")
     assert both.returncode != 0 and "choose one" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_run_holds_the_answer_to_a_json_schema(tmp_path):
+    """chatlm run --json-schema FILE: the answer is a document valid for the schema; a file that is not a schema,
+    or a schema the engine cannot compile, is a one-line error."""
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"river": {"type": "string", "maxLength": 30}, "length_km": {"type": "integer"}},
+        "required": ["river", "length_km"],
+        "additionalProperties": False,
+    }
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    result = chatlm("run", "Name a river in Europe.", "--json-schema", str(path), "--max-new-tokens", "60")
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), schema)
+    (tmp_path / "bad.json").write_text('{"$ref": "#/$defs/none"}')
+    (tmp_path / "text.json").write_text("not json")
+    for bad, says in (
+        ("bad.json", "does not exist"),
+        ("text.json", "is not JSON"),
+        ("missing.json", "cannot read"),
+    ):
+        result = chatlm("run", "Hi", "--json-schema", str(tmp_path / bad))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and says in lines[0], result.stderr

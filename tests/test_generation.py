@@ -262,3 +262,54 @@ def test_output_logits_and_logprobs_match_transformers(model, hf_model):
     new = ours.sequences[0, prompt.shape[1] :]
     by_hand = [float(s[0].log_softmax(-1)[t]) for s, t in zip(ours.scores, new.tolist())]
     assert logprobs[0].tolist() == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_generate_holds_replies_to_a_json_schema(bundled_model):
+    """generate(..., response_format=json_schema, tokenizer=tok): every row's reply is a valid document (checked by
+    the jsonschema package), greedy, sampled in a batch, and speculative (prompt lookup: the greedy reply itself);
+    a schema the engine cannot compile is a GrammarError before anything is generated."""
+    import json
+
+    import jsonschema
+
+    from chatlm import AutoTokenizer
+    from chatlm.generation.grammar import GrammarError
+
+    tok = AutoTokenizer.from_pretrained(None)
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "population": {"type": "integer", "minimum": 0},
+        },
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    chat = [{"role": "user", "content": "Give me a city and its population as JSON."}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+
+    def replies(out: torch.Tensor) -> list[str]:
+        return [tok.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
+
+    greedy = bundled_model.generate(ids, max_new_tokens=60, response_format=fmt, tokenizer=tok)
+    sampled = bundled_model.generate(
+        ids.repeat(3, 1),
+        max_new_tokens=60,
+        do_sample=True,
+        temperature=1.3,
+        response_format=fmt,
+        tokenizer=tok,
+        generator=torch.Generator().manual_seed(5),
+    )
+    for text in replies(greedy) + replies(sampled):
+        jsonschema.validate(json.loads(text), schema)
+    speculative = bundled_model.generate(
+        ids, max_new_tokens=60, response_format=fmt, tokenizer=tok, prompt_lookup_num_tokens=3
+    )
+    assert replies(speculative) == replies(greedy)
+    with pytest.raises(GrammarError, match="does not exist"):
+        bad = {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/none"}}}
+        bundled_model.generate(ids, max_new_tokens=4, response_format=bad, tokenizer=tok)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        bundled_model.generate(ids, max_new_tokens=4, response_format=fmt)

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[MODEL] PROMPT",
         help="an optional model, then the prompt ('-' reads it from standard input)",
     )
+    run.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="hold the answer to the JSON schema in FILE (a grammar engine masks every step)",
+    )
     common(run)
     run.set_defaults(func=cmd_run)
 
@@ -311,6 +316,10 @@ class Session:
         options = {"do_sample": sampling}
         if sampling:
             options.update(temperature=self.args.temperature, top_p=self.args.top_p or 1.0)
+        schema = getattr(self.args, "schema", None)
+        if schema is not None:  # chatlm run --json-schema
+            options["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
+            options["tokenizer"] = self.tokenizer
         if self.args.prompt_lookup:
             options["prompt_lookup_num_tokens"] = self.args.prompt_lookup
         elif self.draft is not None:
@@ -536,6 +545,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise ValueError("the prompt is empty")
+    args.schema = _read_schema(args.json_schema) if args.json_schema else None
     session = Session(model_ref, args)
     if _distributed():  # rank 0 read the prompt; the others compute their share of the same reply, silently
         prompt = _from_rank0(prompt)
@@ -545,6 +555,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     session.reply(prompt, _write, _write_reasoning)
     print(flush=True)
     return 0
+
+
+def _read_schema(path: str) -> dict | bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read the JSON schema {path}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from e
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"{path} holds no JSON schema (an object)")
+    return schema
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -4,19 +4,21 @@ column by column."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ..detokenize import StreamingDetokenizer
 from ..models.cache import DynamicCache, KVCache
+from . import grammar
 from .config import GenerationConfig
 from .decoding import Decoder, Row
 from .ragged_cache import RaggedCache
-from .sampling import RowSampler, SamplingParams
+from .sampling import Constraint, RowSampler, SamplingParams
 from .speculative import (
     DraftModel,
     EarlyExitDraft,
@@ -97,12 +99,14 @@ def generate_steps(
     governor: Governor | None = None,
     keep_scores: bool = True,
     cache: RaggedCache | None = None,
+    constraint: Callable[[], Constraint] | None = None,
 ) -> Iterator[Step]:
     """Decode a batch (left padding allowed) until every row is done (an end-of-sequence token, a stop string, or
     ``max_new_tokens``), one `Step` per column; finished rows get the pad token. With a ``proposer`` (and
     ``stats``, ``governor``), each step checks its guesses (`chatlm.generation.speculative`); a row that got
     ahead of the others holds its tokens back until every unfinished row has one for that column. ``cache``: one
-    that holds the first ``cache.offset`` columns of the prompt already (`reuse_cache`)."""
+    that holds the first ``cache.offset`` columns of the prompt already (`reuse_cache`). ``constraint``: makes
+    each row's constraint (a JSON schema's grammar)."""
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -127,7 +131,14 @@ def generate_steps(
     held: list[deque] = [deque() for _ in range(batch)]  # tokens settled, not handed out yet
     for r in range(batch):
         tokens = input_ids[r][attention_mask[r].bool()].tolist()
-        sampler = RowSampler(params, input_ids[r], params.stop_token_ids, model.config.vocab_size, generator)
+        sampler = RowSampler(
+            params,
+            input_ids[r],
+            params.stop_token_ids,
+            model.config.vocab_size,
+            generator,
+            constraint() if constraint is not None else None,
+        )
         row = Row(sampler, tokens, _stop_text(tokenizer, params.stop))
         held[r].extend(decoder.add(r, row, logits[r] if proposer is None else None))
 
@@ -222,6 +233,29 @@ def _certain(token: int, like: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def _schema_constraint(model, config, response_format: Mapping | None, tokenizer):
+    """The per-row constraint factory of ``response_format`` (None: none)."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping) or response_format.get("type") not in ("json_schema", "text"):
+        raise ValueError(
+            'response_format must be {"type": "json_schema", "json_schema": {"schema": {...}}} (or type "text")'
+        )
+    if response_format["type"] == "text":
+        return None
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, Mapping) or "schema" not in spec:
+        raise ValueError('response_format "json_schema" needs {"json_schema": {"schema": {...}}}')
+    if tokenizer is None:
+        raise ValueError(
+            "response_format needs the tokenizer: call generate(..., response_format=..., tokenizer=tok)"
+        )
+    vocab, eos = model.config.vocab_size, list(config.eos_token_ids)
+    engine_tok = grammar.engine_tokenizer(tokenizer, eos, vocab)
+    compiled = grammar.json_schema_grammar(spec["schema"], engine_tok)
+    return functools.partial(grammar.GrammarConstraint, engine_tok, compiled, vocab, eos)
+
+
 def generate(
     model,
     input_ids: torch.Tensor | None = None,
@@ -232,6 +266,7 @@ def generate(
     generator: torch.Generator | None = None,
     assistant_model=None,
     past_key_values: KVCache | None = None,
+    response_format: Mapping | None = None,
     **kwargs,
 ) -> torch.Tensor | GenerateOutput:
     """transformers' ``generate``: returns (B, prompt + new) token ids; finished rows are padded with the pad token.
@@ -245,9 +280,15 @@ def generate(
     ``past_key_values``: a `KVCache` (or an empty ``DynamicCache()``) from an earlier forward call or generate
     whose tokens begin the prompt: only the rest of the prompt is computed (transformers' prompt reuse). The cache
     is extended in place to hold the whole sequence but its last token; copy it first to reuse it again.
+
+    ``response_format`` (with ``tokenizer``): OpenAI's ``{"type": "json_schema", "json_schema": {"schema": ...}}``
+    holds every row's new tokens to the JSON schema (`chatlm.generation.grammar`: the llguidance engine masks the
+    scores; greedy, sampled and speculative alike); a row ends when its document is complete. A schema the engine
+    cannot compile raises `GrammarError` (a ValueError) before anything is generated.
     """
     config = (generation_config or model.generation_config).update(**kwargs)
     config.validate()
+    constraint = _schema_constraint(model, config, response_format, tokenizer)
     input_ids, attention_mask = prepare_inputs(input_ids, attention_mask, config, model.device)
     if config.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
@@ -317,6 +358,7 @@ def generate(
             stats,
             keep_scores=keep_scores,
             cache=cache,
+            constraint=constraint,
         )
         for step in steps:
             out.append(step.tokens[:, None])
