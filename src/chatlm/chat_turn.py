@@ -81,11 +81,13 @@ class ChatTurn:
         documents: Sequence | None = None,
         continue_final_message: bool = False,
         json_object: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> ChatTurn:
         """Render `messages` for the model's reply (or, with ``continue_final_message``, to go on with the last
         message). `tool_choice` ("required" or a named function, with `tools`) makes the reply start with a tool
         call; a format chatlm cannot start one in raises `UnsupportedToolChoice`, before anything is rendered.
-        ``json_object``: the request asks for a JSON reply. Content parts reach the template as text (see
+        ``json_object``: the request asks for a JSON reply. ``template_kwargs``: more variables for the template
+        (``enable_thinking``, ``reasoning_effort``, ...: what the model's template reads). Content parts reach the template as text (see
         `chatlm.chat_template.text_content_parts`). Errors of the template are the tokenizer's (ValueError,
         TypeError)."""
         reply_format = reply_format_for(tokenizer, tools)
@@ -98,6 +100,7 @@ class ChatTurn:
             add_generation_prompt=not continue_final_message,
             continue_final_message=continue_final_message,
             tokenize=False,
+            **(template_kwargs or {}),
         )
         prompt = text + forced  # the reply starts with the opening of a call: the prompt goes on with it
         json_starts = (
@@ -153,6 +156,11 @@ class ReplyStream:
     def finish(self) -> list[ReplyDelta]:
         deltas, self._pending = self._pending + self._parser.finish(), []
         return deltas
+
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the reply read so far ends inside its reasoning section."""
+        return self._parser.in_reasoning
 
     @property
     def message(self) -> dict[str, Any]:

@@ -342,6 +342,11 @@ class ReplyParser:
         return deltas
 
     @property
+    def in_reasoning(self) -> bool:
+        """Whether the text read so far ends inside the reasoning section."""
+        return self._mode == "reasoning"
+
+    @property
     def message(self) -> dict[str, Any]:
         """The parsed assistant message: ``content`` always, ``reasoning_content`` and ``tool_calls`` when there
         are any."""

@@ -54,6 +54,8 @@ class ChatRequest(CommonOptions):
     tool_choice: str | dict[str, Any] = "auto"
     json_object: bool = False
     json_schema: dict[str, Any] | bool | None = None  # response_format json_schema's schema
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
+    reasoning_budget: int | None = None  # reply tokens the thinking section may take at most (None: no limit)
 
 
 @dataclass
