@@ -117,3 +117,16 @@ def test_run_holds_the_answer_to_a_json_schema(tmp_path):
         result = chatlm("run", "Hi", "--json-schema", str(tmp_path / bad))
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and says in lines[0], result.stderr
+
+
+def test_thinking_options_need_a_reasoning_model():
+    """--think / --reasoning-budget / /think on a model whose template has no thinking section: said, not
+    ignored."""
+    for option in (("--think", "off"), ("--reasoning-budget", "64")):
+        result = chatlm("run", "Hi", *option)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines()[-1].endswith("this chat template has no thinking section")
+    result = chatlm("chat", "--max-new-tokens", "4", stdin="/think on\n/think maybe\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "/think: this model's chat template has no thinking section" in result.stderr
+    assert "/think needs on or off" in result.stderr

@@ -308,6 +308,25 @@ def test_generate_holds_replies_to_a_json_schema(bundled_model):
         ids, max_new_tokens=60, response_format=fmt, tokenizer=tok, prompt_lookup_num_tokens=3
     )
     assert replies(speculative) == replies(greedy)
+    # a draft model guesses through the grammar (its forks masked too) and the checks keep the same reply
+    drafted = bundled_model.generate(
+        ids, max_new_tokens=60, response_format=fmt, tokenizer=tok, assistant_model=bundled_model
+    )
+    assert replies(drafted) == replies(greedy)
+    stats = bundled_model.last_speculation
+    assert stats.accepted > 0  # guesses were made inside the grammar and kept
+    sampled_drafts = bundled_model.generate(
+        ids.repeat(2, 1),
+        max_new_tokens=60,
+        do_sample=True,
+        temperature=1.3,
+        response_format=fmt,
+        tokenizer=tok,
+        assistant_model=bundled_model,
+        generator=torch.Generator().manual_seed(6),
+    )
+    for text in replies(sampled_drafts):
+        jsonschema.validate(json.loads(text), schema)
     with pytest.raises(GrammarError, match="does not exist"):
         bad = {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/none"}}}
         bundled_model.generate(ids, max_new_tokens=4, response_format=bad, tokenizer=tok)

@@ -21,6 +21,25 @@ class UnsupportedToolChoice(ValueError):
     """``tool_choice`` asks for a call that chatlm cannot start in this model's tool-call syntax."""
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+
+
+def thinking_kwargs(enabled: bool | None = None, effort: str | None = None) -> dict[str, Any]:
+    """The template variables that turn a model's thinking on or off, under the names the templates read:
+    ``enable_thinking`` (Qwen3, SmolLM3), ``thinking`` (DeepSeek-V3.1, Granite 3.3) and ``reasoning_effort``
+    (gpt-oss). ``effort`` "none" turns thinking off; a template that reads none of them renders as before."""
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, not {effort!r}")
+    if effort == "none":
+        enabled = False
+    out: dict[str, Any] = {}
+    if enabled is not None:
+        out["enable_thinking"] = out["thinking"] = enabled
+    if effort not in (None, "none"):
+        out["reasoning_effort"] = effort
+    return out
+
+
 def reply_format_for(tokenizer, tools: Sequence | None = None) -> ReplyFormat:
     """The reply format of the chat template a request with these tools uses (plain without a template)."""
     try:
@@ -47,7 +66,7 @@ def forced_opening(reply_format: ReplyFormat, tool_choice: str | Mapping | None)
     return syntax.forced_call(tool_choice["function"]["name"])
 
 
-def _json_part(opening: str) -> str:
+def json_start(opening: str) -> str:
     """The JSON that a forced call's opening begins: a list of calls ("[{") or one call ("{")."""
     start = opening.find("[{")
     return opening[start:] if start >= 0 else opening[opening.index("{") :]
@@ -118,7 +137,7 @@ class ChatTurn:
     @property
     def json_prefix(self) -> str:
         """The JSON the prompt already began, which the reply goes on with ("" when none)."""
-        return _json_part(self.forced) if self.forced else ""
+        return json_start(self.forced) if self.forced else ""
 
     @property
     def parses_reply(self) -> bool:

@@ -48,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
         p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+        p.add_argument(
+            "--think",
+            choices=("on", "off"),
+            default=None,
+            help="a reasoning model's thinking on or off (default: its template's default; /think in a chat)",
+        )
+        p.add_argument(
+            "--reasoning-budget",
+            type=_non_negative_int,
+            default=None,
+            metavar="N",
+            help="a reasoning model thinks N tokens at most, then answers",
+        )
         weights(p)
         p.add_argument(
             "--prompt-lookup",
@@ -268,6 +281,14 @@ class Session:
         if args.draft:
             self.draft = _load_model(args.draft, args, tensor_parallel=False)  # whole on every rank
         self.system, self.args = args.system, args
+        self.think = {"on": True, "off": False, None: None}[getattr(args, "think", None)]
+        from .chat_turn import reply_format_for
+
+        wants_thinking = self.think is not None or getattr(args, "reasoning_budget", None) is not None
+        if wants_thinking and reply_format_for(self.tokenizer).reasoning is None:
+            raise ValueError(
+                "--think and --reasoning-budget need a reasoning model: this chat template has no thinking section"
+            )
         from .generation.prefix_cache import PrefixCache
 
         self.prefix_cache = PrefixCache(args.cache_ram << 20)
@@ -303,10 +324,12 @@ class Session:
         any) to `on_reasoning`; the chat keeps the parsed message, reasoning apart from content."""
         import torch
 
-        from .chat_turn import ChatTurn
+        from .chat_turn import ChatTurn, thinking_kwargs
 
         self.messages.append({"role": "user", "content": user_text})
-        turn = ChatTurn.render(self.tokenizer, self.messages)
+        turn = ChatTurn.render(
+            self.tokenizer, self.messages, template_kwargs=thinking_kwargs(enabled=self.think)
+        )
         ids = torch.tensor([turn.prompt_ids])
         parser = turn.reply_stream() if turn.parses_reply else None
         streamer = _callback_streamer(
@@ -316,10 +339,9 @@ class Session:
         options = {"do_sample": sampling}
         if sampling:
             options.update(temperature=self.args.temperature, top_p=self.args.top_p or 1.0)
-        schema = getattr(self.args, "schema", None)
-        if schema is not None:  # chatlm run --json-schema
-            options["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
-            options["tokenizer"] = self.tokenizer
+        constraint = self._constraint(turn)
+        if constraint is not None:
+            options["constraint"] = constraint
         if self.args.prompt_lookup:
             options["prompt_lookup_num_tokens"] = self.args.prompt_lookup
         elif self.draft is not None:
@@ -367,6 +389,21 @@ class Session:
                 end="",
             )
         return message["content"]
+
+    def _constraint(self, turn):
+        """The reply's constraint: ``--json-schema`` (`chatlm run`) holds the answer, ``--reasoning-budget``
+        the thinking before it (None: neither)."""
+        from .generation.generate import response_format_constraint
+        from .generation.thinking import reply_constraint
+
+        schema = getattr(self.args, "schema", None)
+        answer = None
+        if schema is not None:
+            response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
+            config = self.model.generation_config
+            answer = response_format_constraint(self.model, config, response_format, self.tokenizer)
+        vocab = self.model.config.vocab_size
+        return reply_constraint(turn, self.tokenizer, vocab, self.args.reasoning_budget, answer)
 
 
 def _callback_streamer(tokenizer, on_text, on_reasoning, parser, generation_config):
@@ -433,10 +470,23 @@ def _follow(session: Session) -> int:
             return 0
         if text == "/reset":
             session.reset()
+        elif isinstance(text, str) and text.startswith("/think "):
+            _set_thinking(session, text)
         elif isinstance(text, list):  # a chat rank 0 loaded
             session.messages, session.ids = text, []
         else:
             session.reply(text, lambda _: None, lambda _: None)
+
+
+def _set_thinking(session: Session, command: str) -> bool:
+    """``/think on|off``: whether the next replies think (False, with a message, for a model that cannot)."""
+    from .chat_turn import reply_format_for
+
+    if reply_format_for(session.tokenizer).reasoning is None:
+        print("/think: this model's chat template has no thinking section", file=sys.stderr)
+        return False
+    session.think = command.split()[1] == "on"
+    return True
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -458,8 +508,8 @@ def _chat_loop(session: Session, share) -> int:
         _load(session, keep, share)
     if interactive:
         print(
-            "chatlm: type a message, /reset to start over, /save FILE or /load FILE to keep the chat, /exit to "
-            "quit.",
+            "chatlm: type a message, /reset to start over, /save FILE or /load FILE to keep the chat, /think on|off "
+            "for a reasoning model, /exit to quit.",
             file=sys.stderr,
         )
     while True:
@@ -483,6 +533,14 @@ def _chat_loop(session: Session, share) -> int:
                 _save(session, keep)
             continue
         command, _, path = text.partition(" ")
+        if command == "/think":
+            if path.strip() not in ("on", "off"):
+                print("/think needs on or off", file=sys.stderr)
+            else:
+                share(text)
+                if _set_thinking(session, text):
+                    print(f"(thinking {path.strip()})", file=sys.stderr)
+            continue
         if command in ("/save", "/load"):
             if not path.strip():
                 print(f"{command} needs a file name", file=sys.stderr)
@@ -492,7 +550,10 @@ def _chat_loop(session: Session, share) -> int:
                 _load(session, path.strip(), share)
             continue
         if text.startswith("/"):
-            print(f"unknown command {command}: /reset, /save FILE, /load FILE or /exit", file=sys.stderr)
+            print(
+                f"unknown command {command}: /reset, /save FILE, /load FILE, /think on|off or /exit",
+                file=sys.stderr,
+            )
             continue
         try:
             share(text)

@@ -44,6 +44,7 @@ class StreamingDetokenizer:
         self._pieces: list[str] = []  # the decoded text, in pieces (joined when `text` is read)
         self._unsent = ""  # the end of it not given out yet
         self.stopped = False
+        self.matched_stop: str | None = None  # the stop string the text ended at
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, **self.decode_kwargs)
@@ -100,10 +101,12 @@ class StreamingDetokenizer:
             return ""
         end = len(self._unsent)
         if self.stops:
-            hits = [i for i in (self._unsent.find(s) for s in self.stops) if i >= 0]
+            hits = [(at, i) for i, at in enumerate(self._unsent.find(s) for s in self.stops) if at >= 0]
             if hits:
-                self.stopped = True
-                out, self._unsent = self._unsent[: min(hits)], ""
+                # the one that begins first (the first given, of those that begin there)
+                at, which = min(hits)
+                self.stopped, self.matched_stop = True, self.stops[which]
+                out, self._unsent = self._unsent[:at], ""
                 return out
             if not final:
                 end -= self._held()

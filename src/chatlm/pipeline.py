@@ -30,6 +30,11 @@ CALL_OPTIONS = {
     "return_text",
     "clean_up_tokenization_spaces",
     "assistant_model",
+    # chatlm's: template variables (``{"enable_thinking": False}``), OpenAI's response_format (json_schema), and
+    # a reasoning model's thinking budget in tokens
+    "chat_template_kwargs",
+    "response_format",
+    "reasoning_budget",
 }
 
 
@@ -111,10 +116,12 @@ class TextGenerationPipeline:
                 tools=options.get("tools"),
                 documents=options.get("documents"),
                 continue_final_message=cont,
+                template_kwargs=options.get("chat_template_kwargs"),
             )
             prompts.append(turn.prompt_ids)
             continues.append(cont)
             turns.append(turn)
+        constraint = self._constraint(turns, config, options)
         ids, mask = _left_pad(prompts, _pad_id(tok, config))
         n = config.num_return_sequences
         # One sequence at a time reuses and feeds the prefix cache; a batch of prompts decodes together.
@@ -127,6 +134,7 @@ class TextGenerationPipeline:
             tokenizer=tok,
             assistant_model=options.get("assistant_model", self.assistant_model),
             past_key_values=cache,
+            constraint=constraint,
         )
         if config.return_dict_in_generate:
             output = output.sequences
@@ -149,6 +157,25 @@ class TextGenerationPipeline:
                     records.append({"generated_text": [*item, message]})
             results.append(records)
         return results
+
+    def _constraint(self, turns: list, config: GenerationConfig, options: dict):
+        """The rows' constraint: ``response_format`` holds the answers, ``reasoning_budget`` a reasoning model's
+        thinking before them (the chats of one call share a template, so the first turn speaks for all)."""
+        from .generation.generate import response_format_constraint
+        from .generation.thinking import reply_constraint
+
+        budget = options.get("reasoning_budget")
+        answer = response_format_constraint(
+            self.model, config, options.get("response_format"), self.tokenizer
+        )
+        turn = next((t for t in turns if t is not None), None)
+        if budget is not None and (turn is None or turn.reply_format.reasoning is None):
+            raise ValueError(
+                "reasoning_budget needs a reasoning model: this chat template has no thinking section"
+            )
+        if turn is None:
+            return answer
+        return reply_constraint(turn, self.tokenizer, self.model.config.vocab_size, budget, answer)
 
     def _parse_reply(self, reply: list[int], text: str, turn: ChatTurn, config) -> dict[str, Any]:
         """The assistant message with its tool calls and reasoning apart. The markers may be special tokens

@@ -161,9 +161,7 @@ class Decoder:
         if self.proposer is None:
             return {}
         # a row may guess up to the tokens it has room for after the pending one's successor
-        limits = {
-            i: row.room - 1 for i, row in active.items() if row.room > 1 and row.sampler.constraint is None
-        }
+        limits = {i: row.room - 1 for i, row in active.items() if row.room > 1}
         if not limits or not self.governor.should_guess():
             return {}
         seqs = {i: torch.tensor(active[i].tokens, dtype=torch.long) for i in limits}

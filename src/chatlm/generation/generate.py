@@ -233,8 +233,8 @@ def _certain(token: int, like: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def _schema_constraint(model, config, response_format: Mapping | None, tokenizer):
-    """The per-row constraint factory of ``response_format`` (None: none)."""
+def response_format_constraint(model, config, response_format: Mapping | None, tokenizer):
+    """The per-row constraint factory of ``response_format`` (None: none), with ``config``'s end tokens."""
     if response_format is None:
         return None
     if not isinstance(response_format, Mapping) or response_format.get("type") not in ("json_schema", "text"):
@@ -267,6 +267,7 @@ def generate(
     assistant_model=None,
     past_key_values: KVCache | None = None,
     response_format: Mapping | None = None,
+    constraint: Callable[[], Constraint] | None = None,
     **kwargs,
 ) -> torch.Tensor | GenerateOutput:
     """transformers' ``generate``: returns (B, prompt + new) token ids; finished rows are padded with the pad token.
@@ -284,11 +285,17 @@ def generate(
     ``response_format`` (with ``tokenizer``): OpenAI's ``{"type": "json_schema", "json_schema": {"schema": ...}}``
     holds every row's new tokens to the JSON schema (`chatlm.generation.grammar`: the llguidance engine masks the
     scores; greedy, sampled and speculative alike); a row ends when its document is complete. A schema the engine
-    cannot compile raises `GrammarError` (a ValueError) before anything is generated.
+    cannot compile raises `GrammarError` (a ValueError) before anything is generated. ``constraint``: makes each
+    row's `Constraint` (the logits processor behind both: `grammar.GrammarConstraint`,
+    `thinking.ThinkingConstraint` for a reasoning budget), instead of ``response_format``.
     """
     config = (generation_config or model.generation_config).update(**kwargs)
     config.validate()
-    constraint = _schema_constraint(model, config, response_format, tokenizer)
+    if constraint is not None and response_format is not None:
+        raise ValueError(
+            "give response_format or constraint, not both (a constraint may hold the schema itself)"
+        )
+    constraint = constraint or response_format_constraint(model, config, response_format, tokenizer)
     input_ids, attention_mask = prepare_inputs(input_ids, attention_mask, config, model.device)
     if config.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)

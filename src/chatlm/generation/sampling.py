@@ -9,11 +9,10 @@ A row's scores go through, in this order (transformers' order; OpenAI's penaltie
    over the tokens of the output only;
 3. when sampling (``temperature > 0``): temperature, top-k, top-p, min-p;
 4. end-of-sequence tokens are banned while fewer than ``min_tokens`` were generated;
-5. a `Constraint` (JSON mode, a forced tool call, a JSON schema's grammar) keeps only the tokens it allows:
-   greedy takes the most likely allowed token; sampling draws from the distribution restricted to the allowed
-   tokens (a grammar masks them all at once; the others are asked token by token, drawing again without a
-   refused one, which is the same distribution).
-Then the argmax (greedy) or a draw; a speculative guess is kept or replaced by the rejection rule (`accept`).
+5. a `Constraint` (a grammar: a JSON schema, JSON mode, a forced tool call; a reasoning budget) masks the tokens
+   it does not allow.
+Then the argmax (greedy) or a draw; a speculative guess is kept or replaced by the rejection rule (`accept`), so
+a guess the constraint refuses is always replaced (its probability is 0).
 """
 
 from __future__ import annotations
@@ -29,12 +28,13 @@ Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (token ids s
 
 
 class Constraint(Protocol):
-    """A per-row limit on what may come next: `allows` says whether a token may be next, `advance` takes the
-    chosen one, and `complete` says that the constrained text is whole (the reply ends there)."""
+    """A per-row limit on what may come next: `mask` gives the tokens that may be next ((vocab,) bool; None: any
+    this step), `advance` takes the chosen one, and `complete` says that the constrained text is whole (the
+    reply ends there)."""
 
     complete: bool
 
-    def allows(self, token: int) -> bool: ...
+    def mask(self) -> torch.Tensor | None: ...
 
     def advance(self, token: int) -> None: ...
 
@@ -223,6 +223,10 @@ class RowSampler:
             scores = process(None, scores)
         if self.produced < p.min_tokens and self.eos:
             scores[:, self.eos] = -float("inf")
+        if self.constraint is not None:
+            allowed = self.constraint.mask()
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed[None], -float("inf"))
         return scores
 
     def choose(
@@ -231,8 +235,8 @@ class RowSampler:
         """The next token and the processed scores (vocab,) it was chosen from. With a speculative ``guess`` (and
         the ``draft`` distribution it was drawn from, if any), sampling keeps or replaces it by `accept`."""
         scores = self.scores(logits)[0]
-        if self.constraint is not None:
-            return self._constrained(scores), scores
+        if bool(scores.isneginf().all()):  # the constraint allows nothing more: end here
+            return next(iter(self.eos), int(logits.argmax())), scores
         if self.params.greedy:
             return int(scores.argmax()), scores
         return accept(scores.softmax(-1), guess, draft, self.generator), scores
@@ -265,33 +269,6 @@ class RowSampler:
         top = torch.topk(logprobs, k) if k else None
         pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
         return TokenLogprob(token, float(logprobs[token]), pairs)
-
-    def _constrained(self, scores: torch.Tensor) -> int:
-        mask = getattr(self.constraint, "mask", None)
-        if mask is not None:  # a grammar engine's mask of every allowed token at once
-            allowed = mask()
-            if not bool(allowed.any()):
-                return next(iter(self.eos), int(scores.argmax()))  # nothing may follow: end here
-            scores = scores.masked_fill(~allowed, -float("inf"))
-            if self.params.greedy:
-                return int(scores.argmax())
-            return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
-        allows = self.constraint.allows
-        if not self.params.greedy:
-            probs = scores.softmax(-1)
-            for _ in range(32):  # draw, and draw again without a refused token
-                if float(probs.sum()) <= 0:
-                    break
-                token = int(torch.multinomial(probs, 1, generator=self.generator))
-                if allows(token):
-                    return token
-                probs[token] = 0
-            scores = torch.where(probs > 0, scores, -float("inf")) if float(probs.sum()) > 0 else scores
-        order = torch.argsort(scores, descending=True).tolist()
-        for token in order:
-            if allows(token):
-                return token
-        return next(iter(self.eos), order[0])  # nothing may follow: end here
 
 
 def accept(

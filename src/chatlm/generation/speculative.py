@@ -149,6 +149,7 @@ class DraftModel:
         guesses: dict[int, list[int]] = {row: [] for row in seqs}
         self.distributions = {row: [] for row in seqs}
         forks = {row: samplers[row].fork() for row in seqs}
+        limits = dict(limits)  # shortened below for rows whose constraint ends
         for step in range(min(self.k, max(limits.values()))):
             logits = cache.forward(fed, real)
             fed = torch.zeros(batch, 1, dtype=torch.long, device=fed.device)
@@ -157,6 +158,9 @@ class DraftModel:
                 if step >= limits[row]:
                     continue
                 scores = sampler.scores(logits[row, last[row]])
+                if bool(scores.isneginf().all()):  # its constraint allows nothing more: no further guesses
+                    limits[row] = step
+                    continue
                 if sampler.params.greedy:
                     token = int(scores.argmax())
                 else:

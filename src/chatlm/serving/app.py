@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..generation.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
+from . import anthropic_api, responses_api
 from .chat_run import ChatRun
 from .engine import Engine, SamplingParams
 from .protocol import APIError, ChatRequest, CompletionRequest, new_id, parse_chat, parse_completion
@@ -322,6 +323,8 @@ def create_app(
         return await completions(server, request)
 
     # the other APIs over the same chat runs: each module adds its own routes
+    anthropic_api.add_routes(app, server)
+    responses_api.add_routes(app, server)
 
     @app.get("/v1/models")
     async def models(request: Request):

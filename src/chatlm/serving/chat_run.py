@@ -13,11 +13,11 @@ from typing import Any
 
 from fastapi import Request
 
-from ..chat_turn import ChatTurn, UnsupportedToolChoice
+from ..chat_turn import ChatTurn, UnsupportedToolChoice, json_start
 from ..generation import grammar
 from ..generation.sampling import TokenLogprob
+from ..generation.thinking import reply_constraint
 from ..reply_parsing import ReplyDelta
-from .json_mode import JsonConstraint
 from .protocol import APIError, ChatRequest
 from .server import Job, Server
 
@@ -34,6 +34,7 @@ class ReplyStep:
     reasoning_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    stop: str | None = None  # the stop string the reply ended at
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Reply:
         default_factory=list
     )  # the parser's: {"name", "arguments": dict}
     finish_reason: str = "cancelled"
+    stop: str | None = None  # the stop string the reply ended at
     tokens: int = 0
     reasoning_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -94,6 +96,7 @@ class ChatRun:
                 tokens if thinking or any(p.reasoning_content for p in pieces) else 0,
                 delta.logprobs or None,
                 delta.finish_reason,
+                delta.stop,
             )
 
     async def replies(self, http: Request | None = None) -> list[Reply]:
@@ -112,7 +115,7 @@ class ChatRun:
                 if piece.tool_call:
                     reply.tool_calls.append(piece.tool_call)
             if step.finish_reason:
-                reply.finish_reason = step.finish_reason
+                reply.finish_reason, reply.stop = step.finish_reason, step.stop
         for reply, parts in zip(replies, reasoning):
             reply.reasoning = "".join(parts) if parts else None
         return replies
@@ -132,6 +135,7 @@ def render_turn(tokenizer, req: ChatRequest) -> ChatTurn:
             tool_choice=req.tool_choice,
             json_object=req.json_object,
             template_kwargs=req.template_kwargs,
+            continue_final_message=req.continue_final,
         )
     except UnsupportedToolChoice as e:
         raise APIError(400, str(e), param="tool_choice", code="unsupported") from e
@@ -140,55 +144,94 @@ def render_turn(tokenizer, req: ChatRequest) -> ChatTurn:
 
 
 def _constrain(server: Server, req: ChatRequest, turn: ChatTurn) -> None:
-    """What constrained decoding needs from the turn: a JSON reply (json_object, or a forced tool call that goes
-    on with the JSON the prompt began), or a reply held to a JSON schema."""
-    if turn.json_reply:
-        req.params.constraint = functools.partial(
-            JsonConstraint,
-            server.tokenizer,
-            server.engine.eos,
-            turn.json_prefix,
-            turn.json_starts,
-            not turn.parses_reply,  # the text the JSON is read from skips special tokens as the reply's does
-        )
-    if req.json_schema is not None:
-        _constrain_to_schema(server, req, turn)
+    """The reply's constraint: a grammar (a JSON schema, a JSON object, or a forced tool call that goes on with
+    the JSON the prompt began), and for a reasoning model the thinking section before it (with its budget). A
+    schema the grammar engine cannot compile is a 400 that says why, never an unconstrained reply."""
+    answer = _answer_grammar(server, req, turn)
+    vocab = server.model.config.vocab_size
+    req.params.constraint = reply_constraint(turn, server.tokenizer, vocab, req.reasoning_budget, answer)
 
 
-def _constrain_to_schema(server: Server, req: ChatRequest, turn: ChatTurn) -> None:
-    """response_format json_schema: the reply is held to the schema by the grammar engine; a schema it cannot
-    compile is a 400 that says why (never an unconstrained reply)."""
-    if turn.parses_reply:
+def _answer_grammar(server: Server, req: ChatRequest, turn: ChatTurn):
+    """The per-row grammar constraint factory of the answer (None: a free answer)."""
+    if turn.forced:
+        syntax = turn.reply_format.tool_calls
+        begun = server.tokenizer(turn.json_prefix, add_special_tokens=False)["input_ids"]
+        many = turn.json_prefix.startswith("[")
+        schema = grammar.tool_call_schema(req.tools, syntax.arguments_key, many)
+        if not any(_strict(t) for t in req.tools):
+            # OpenAI holds only strict tools' arguments to their schemas: a schema the engine cannot compile
+            # leaves the others' arguments any JSON object (a strict one's is a 400)
+            try:
+                _grammar(server, schema, "tools")
+            except APIError:
+                schema = grammar.tool_call_schema(req.tools, syntax.arguments_key, many, free_arguments=True)
+        return _grammar(server, schema, "tools", begun)
+    if req.tools and any(_strict(t) for t in req.tools):
+        if req.json_schema is not None or req.json_object:
+            raise APIError(
+                400,
+                "response_format 'json_object' or 'json_schema' together with strict tools is not supported yet",
+                param="response_format",
+                code="unsupported",
+            )
+        return _strict_tools_grammar(server, req, turn)
+    if req.json_schema is None and not req.json_object:
+        return None
+    if turn.reply_format.tool_calls is not None and req.tools:
         raise APIError(
             400,
-            "response_format 'json_schema' together with tools (or a reasoning model's reply format) is not "
-            "supported yet",
+            "response_format 'json_object' or 'json_schema' together with tools is not supported yet: the reply "
+            "could not call them",
             param="response_format",
             code="unsupported",
         )
+    schema = req.json_schema if req.json_schema is not None else {"type": "object"}
+    return _grammar(server, schema, "response_format")
+
+
+def _strict_tools_grammar(server: Server, req: ChatRequest, turn: ChatTurn):
+    """tool_choice "auto" with strict tools: free text, or calls whose arguments follow the strict tools'
+    parameter schemas, in the model's own tool-call syntax."""
+    syntax = turn.reply_format.tool_calls
+    if syntax is None or syntax.forced_opening is None:
+        kind = syntax.name if syntax else "none"
+        raise APIError(
+            400,
+            f"strict tools need a model whose tool calls chatlm can hold to their schemas; this model's format "
+            f"is {kind!r} (leave 'strict' out)",
+            param="tools",
+            code="unsupported",
+        )
+    json_part = json_start(syntax.forced_opening)
+    opening = syntax.forced_opening[: len(syntax.forced_opening) - len(json_part)]
     vocab, eos = server.model.config.vocab_size, list(server.engine.eos)
     try:
         engine_tok = grammar.engine_tokenizer(server.tokenizer, eos, vocab)
-        compiled = grammar.json_schema_grammar(req.json_schema, engine_tok)
+        text = grammar.tool_reply_grammar(
+            engine_tok,
+            req.tools,
+            opening,
+            json_part.startswith("["),
+            syntax.arguments_key,
+            syntax.open if opening else None,
+            syntax.close,
+        )
+        compiled = grammar.lark_grammar(text, engine_tok)
     except grammar.GrammarError as e:
-        raise APIError(400, str(e), param="response_format", code="invalid_json_schema") from e
-    req.params.constraint = functools.partial(grammar.GrammarConstraint, engine_tok, compiled, vocab, eos)
+        raise APIError(400, str(e), param="tools", code="invalid_json_schema") from e
+    return functools.partial(grammar.GrammarConstraint, engine_tok, compiled, vocab, eos)
 
 
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+def _strict(tool: Any) -> bool:
+    return isinstance(tool, dict) and bool((tool.get("function") or {}).get("strict"))
 
 
-def thinking_kwargs(enabled: bool | None = None, effort: str | None = None) -> dict[str, Any]:
-    """The template variables that turn a model's thinking on or off, under the names the templates read:
-    ``enable_thinking`` (Qwen3, SmolLM3), ``thinking`` (DeepSeek-V3.1, Granite 3.3) and ``reasoning_effort``
-    (gpt-oss). ``effort`` "none" turns thinking off; a template that reads none of them renders as before."""
-    if effort is not None and effort not in REASONING_EFFORTS:
-        raise ValueError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, not {effort!r}")
-    if effort == "none":
-        enabled = False
-    out: dict[str, Any] = {}
-    if enabled is not None:
-        out["enable_thinking"] = out["thinking"] = enabled
-    if effort not in (None, "none"):
-        out["reasoning_effort"] = effort
-    return out
+def _grammar(server: Server, schema, param: str, begun: list[int] | None = None):
+    vocab, eos = server.model.config.vocab_size, list(server.engine.eos)
+    try:
+        engine_tok = grammar.engine_tokenizer(server.tokenizer, eos, vocab)
+        compiled = grammar.json_schema_grammar(schema, engine_tok)
+    except grammar.GrammarError as e:
+        raise APIError(400, str(e), param=param, code="invalid_json_schema") from e
+    return functools.partial(grammar.GrammarConstraint, engine_tok, compiled, vocab, eos, begun or ())

@@ -51,6 +51,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    stop: str | None = None  # the stop string the choice ended at (with finish_reason "stop")
 
 
 class QueueFull(Exception):
@@ -302,7 +303,8 @@ class Engine:
         """Hand the tokens a choice settled to its request, a delta each; whether the choice is finished."""
         for token in settled:
             logprobs = [token.logprob] if token.logprob is not None else None
-            seq.request.sink(Delta(seq.index, token.text, [token.token], logprobs, token.finish_reason))
+            stop = seq.row.text.matched_stop if token.finish_reason and seq.row.text is not None else None
+            seq.request.sink(Delta(seq.index, token.text, [token.token], logprobs, token.finish_reason, stop))
             self.metrics.generated_tokens += 1
         return settled[-1].finish_reason is not None
 

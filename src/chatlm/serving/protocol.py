@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..chat_turn import REASONING_EFFORTS, thinking_kwargs
 from ..generation.sampling import SamplingParams
 
 
@@ -56,6 +57,7 @@ class ChatRequest(CommonOptions):
     json_schema: dict[str, Any] | bool | None = None  # response_format json_schema's schema
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
     reasoning_budget: int | None = None  # reply tokens the thinking section may take at most (None: no limit)
+    continue_final: bool = False  # the reply goes on with the last (assistant) message: a prefill
 
 
 @dataclass
@@ -75,7 +77,8 @@ _SAMPLING_FIELDS = {
 }  # fmt: skip
 CHAT_FIELDS = _SAMPLING_FIELDS | {
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "response_format",
-    "parallel_tool_calls", "store", "service_tier",
+    "parallel_tool_calls", "store", "service_tier", "reasoning_effort", "chat_template_kwargs",
+    "thinking_token_budget",
 }  # fmt: skip
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 
@@ -113,7 +116,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-class _Fields:
+class Fields:
     """Typed reads of a request body's fields, with OpenAI's ranges."""
 
     def __init__(self, body: dict[str, Any]):
@@ -147,7 +150,7 @@ class _Fields:
         return self.get(name, (bool,), default, "true or false")
 
 
-def _stop(fields: _Fields) -> tuple[str, ...]:
+def _stop(fields: Fields) -> tuple[str, ...]:
     stop = fields.body.get("stop")
     if stop is None:
         return ()
@@ -158,7 +161,7 @@ def _stop(fields: _Fields) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _logit_bias(fields: _Fields) -> tuple[tuple[int, float], ...]:
+def _logit_bias(fields: Fields) -> tuple[tuple[int, float], ...]:
     """OpenAI's ``logit_bias``: token id (a string of digits, as JSON keys are) -> a bias from -100 to 100."""
     bias = fields.get("logit_bias", (dict,), {}, "an object mapping token ids to biases")
     out = []
@@ -171,7 +174,7 @@ def _logit_bias(fields: _Fields) -> tuple[tuple[int, float], ...]:
     return tuple(out)
 
 
-def _common(fields: _Fields, default_max_tokens: int | None, max_n: int, logprobs: int | None) -> dict:
+def common_options(fields: Fields, default_max_tokens: int | None, max_n: int, logprobs: int | None) -> dict:
     model = fields.get("model", (str,), None, "a string")
     max_tokens = fields.integer("max_completion_tokens", None, 1)
     if max_tokens is None:
@@ -233,15 +236,60 @@ def _json_schema(response_format: dict[str, Any]) -> dict[str, Any] | bool:
     return schema
 
 
+def _thinking(fields: Fields) -> tuple[dict[str, Any], int | None]:
+    """The template variables and the reasoning budget a chat request asks for: ``chat_template_kwargs`` (vLLM's
+    and SGLang's: any variables, e.g. ``{"enable_thinking": false}``), OpenAI's ``reasoning_effort`` ("none"
+    turns thinking off), and ``thinking_token_budget`` (vLLM's: the thinking section's tokens at most)."""
+    kwargs = dict(fields.get("chat_template_kwargs", (dict,), {}, "an object of template variables"))
+    effort = fields.get("reasoning_effort", (str,), None, "a string")
+    try:
+        kwargs = {**thinking_kwargs(effort=effort), **kwargs}
+    except ValueError as e:
+        raise bad(
+            "reasoning_effort", f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}"
+        ) from e
+    reserved = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}
+    clash = sorted(reserved & set(kwargs))
+    if clash:
+        raise bad(
+            "chat_template_kwargs", f"'chat_template_kwargs' cannot set {clash[0]!r}: it is the request's own"
+        )
+    return kwargs, fields.integer("thinking_token_budget", None, 0)
+
+
+def _call_arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI's clients send an earlier tool call's arguments as a JSON string; chat templates render them as an
+    object (``| tojson``, as transformers' examples pass them): the string is read back, so that the prompt shows
+    the call as the model wrote it, not a quoted string."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list) and any(isinstance(c, dict) for c in calls):
+            message = {**message, "tool_calls": [_call_object(c) for c in calls]}
+        out.append(message)
+    return out
+
+
+def _call_object(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"a tool call's arguments are not valid JSON: {e}") from e
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
 def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
     from ..chat_template import validate_chat
 
     _known_fields(body, CHAT_FIELDS)
-    fields = _Fields(body)
+    fields = Fields(body)
     if "messages" not in body:
         raise bad("messages", "'messages' is required: a list of {'role', 'content'} messages")
     try:
-        messages = validate_chat(body["messages"])
+        messages = _call_arguments_as_objects(validate_chat(body["messages"]))
     except (ValueError, TypeError) as e:
         raise bad("messages", str(e)) from e
     top = fields.integer("top_logprobs", None, 0, 20)
@@ -271,7 +319,8 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
             f"'response_format' type must be 'text', 'json_object' or 'json_schema', not {kind!r}",
         )
     schema = _json_schema(response_format) if kind == "json_schema" else None
-    common = _common(fields, None, max_n, (top or 0) if wants else None)
+    common = common_options(fields, None, max_n, (top or 0) if wants else None)
+    template_kwargs, budget = _thinking(fields)
     return ChatRequest(
         **common,
         messages=messages,
@@ -279,12 +328,14 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
         tool_choice=choice,
         json_object=kind == "json_object",
         json_schema=schema,
+        template_kwargs=template_kwargs,
+        reasoning_budget=budget,
     )
 
 
 def parse_completion(body: dict[str, Any], max_n: int) -> CompletionRequest:
     _known_fields(body, COMPLETION_FIELDS)
-    fields = _Fields(body)
+    fields = Fields(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (
         isinstance(prompt, list)
@@ -302,7 +353,7 @@ def parse_completion(body: dict[str, Any], max_n: int) -> CompletionRequest:
         raise bad("suffix", "'suffix' (fill in the middle) is not supported")
     logprobs = fields.integer("logprobs", None, 0, 5)
     return CompletionRequest(
-        **_common(fields, 16, max_n, logprobs),  # 16: OpenAI's default for completions
+        **common_options(fields, 16, max_n, logprobs),  # 16: OpenAI's default for completions
         prompts=prompts,
         echo=fields.flag("echo"),
     )
