@@ -63,8 +63,39 @@ def test_errors_are_one_line(tmp_path):
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("chatlm: error:"), result.stderr
-    bad = chatlm("run", "hi", "--max-new-tokens", "-3")
-    assert bad.returncode == 2 and "positive" in bad.stderr and "Traceback" not in bad.stderr
+    # option errors come before anything loads, in words (not argparse's names for our converters)
+    for option, said in (
+        (
+            ("--max-new-tokens", "-3"),
+            "argument --max-new-tokens: must be a whole number of at least 1, not -3",
+        ),
+        (("--top-p", "5"), "argument --top-p: must be over 0 and at most 1, not 5"),
+        (("--temperature", "warm"), "argument --temperature: must be a number, 0 or more, not 'warm'"),
+    ):
+        bad = chatlm("run", "hi", *option)
+        assert bad.returncode == 2 and bad.stderr.strip().endswith(said), bad.stderr
+        assert "Traceback" not in bad.stderr and "_non_negative" not in bad.stderr
+    version = chatlm("--version")
+    assert version.returncode == 0 and version.stdout.startswith("chatlm ")
+
+
+def test_run_with_only_a_model_opens_a_chat_and_raw_takes_plain_text():
+    """`chatlm run MODEL` (no prompt) chats, as `ollama run` does; --raw sends the prompt without the template."""
+    from chatlm import AutoModelForCausalLM, AutoTokenizer, QuantizationConfig
+    from chatlm.loading.resolve import BUNDLED_NAME
+
+    chat = chatlm("run", BUNDLED_NAME, "--max-new-tokens", "4", stdin="/model\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stderr.startswith(f"{BUNDLED_NAME}: llama")  # the chat's /model answered
+    raw = chatlm("run", "--raw", "The capital of France is", "--max-new-tokens", "6")
+    assert raw.returncode == 0, raw.stderr
+    tok = AutoTokenizer.from_pretrained(None)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    stored = AutoModelForCausalLM.from_pretrained(
+        None, quantization_config=QuantizationConfig(keep_gguf_blocks=True)
+    )
+    out = stored.generate(ids, max_new_tokens=6)[0, ids.shape[1] :]
+    assert raw.stdout.strip() == tok.decode(out, skip_special_tokens=True).strip()
 
 
 def test_run_with_4bit_weights_matches_the_api():
@@ -130,3 +161,17 @@ def test_thinking_options_need_a_reasoning_model():
     assert result.returncode == 0, result.stderr
     assert "/think: this model's chat template has no thinking section" in result.stderr
     assert "/think needs on or off" in result.stderr
+
+
+def test_serve_says_at_once_that_its_port_is_taken():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = chatlm("serve", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"chatlm: error: cannot serve on 127.0.0.1:{port}: Address already in use (choose another --port)"
+    ]

@@ -144,6 +144,14 @@ def test_bad_generate_options(model, kwargs, error, match):
         model.generate(ids(), **kwargs)
 
 
+def test_tokenizer_output_passed_whole_is_an_error(model):
+    """apply_chat_template returns a dict since transformers 5: passing it as input_ids names the fix."""
+    inputs = {"input_ids": ids(), "attention_mask": torch.ones_like(ids())}
+    with pytest.raises(TypeError, match=r"generate\(\*\*inputs"):
+        model.generate(inputs, max_new_tokens=2)
+    assert model.generate(**inputs, max_new_tokens=2).shape[1] == ids().shape[1] + 2
+
+
 def test_prompt_longer_than_context_is_an_error(model):
     too_long = torch.randint(3, 300, (1, model.config.max_position_embeddings + 1))
     with pytest.raises(ValueError, match="context window"):

@@ -133,3 +133,27 @@ def test_bad_task_and_options(tiny_checkpoints):
     p = pipeline("text-generation", str(tiny_checkpoints["llama"]))
     with pytest.raises(TypeError, match="bogus"):
         p("hi", bogus=1)
+
+
+def test_a_streamer_gets_the_reply_as_in_transformers(bundled_model):
+    """pipe(chat, streamer=TextStreamer(tok)) streams the reply the pipeline returns (transformers takes it)."""
+    from chatlm import AutoTokenizer, TextStreamer
+
+    tok = AutoTokenizer.from_pretrained(None)
+    pieces: list[str] = []
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            pieces.append(text)
+
+    pipe = pipeline("text-generation", bundled_model, tokenizer=tok)
+    chat = [{"role": "user", "content": "Name a colour."}]
+    out = pipe(
+        chat,
+        max_new_tokens=8,
+        do_sample=False,
+        streamer=Collect(tok, skip_prompt=True, skip_special_tokens=True),
+    )
+    assert "".join(pieces).strip() == out[0]["generated_text"][-1]["content"].strip()
+    with pytest.raises(ValueError, match="a streamer takes one sequence"):
+        pipe([chat, chat], max_new_tokens=2, streamer=Collect(tok))

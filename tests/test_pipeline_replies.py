@@ -163,7 +163,7 @@ def test_cli_shows_reasoning_apart_and_keeps_the_parsed_message(tmp_path):
 
     from chatlm.cli import Session, build_parser
 
-    args = build_parser().parse_args(["chat", str(path), "--max-new-tokens", "10"])
+    args = build_parser().parse_args(["chat", str(path), "--max-new-tokens", "10", "--temperature", "0"])
     session = Session(str(path), args)
     shown, thoughts = [], []
     assert session.reply("Weather in Paris?", shown.append, thoughts.append) == "Sunny."

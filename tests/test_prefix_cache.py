@@ -218,7 +218,7 @@ def test_cli_chat_reuses_and_says_so():
     blocks as stored, rounds activations to int8 while decoding: a turn's new tokens then take another path than
     a whole prompt would, and a reply may differ in a close call, as with llama.cpp's prompt cache.)"""
     script = "\n".join(TURNS[:3]) + "\n"
-    weights = ("--quantization", "none")
+    weights = ("--quantization", "none", "--temperature", "0")
     cached = chatlm("chat", "--max-new-tokens", "12", "--verbose", *weights, stdin=script)
     plain = chatlm("chat", "--max-new-tokens", "12", "--cache-ram", "0", *weights, stdin=script)
     assert cached.returncode == 0 and plain.returncode == 0, cached.stderr + plain.stderr
@@ -372,7 +372,7 @@ def test_a_saved_chat_restores_its_cache_only_for_the_same_model(tiny_checkpoint
 def test_cli_chat_saves_and_resumes_with_its_cache(tmp_path):
     kept = tmp_path / "chat.safetensors"
     # float32 weights: see test_cli_chat_reuses_and_says_so
-    args = ("chat", "--max-new-tokens", "12", "--quantization", "none")
+    args = ("chat", "--max-new-tokens", "12", "--quantization", "none", "--temperature", "0")
     whole = chatlm(*args, "--cache-ram", "0", stdin="\n".join(TURNS[:3]) + "\n")
     first = chatlm(*args, "--save", str(kept), stdin="\n".join(TURNS[:2]) + "\n")
     assert first.returncode == 0 and kept.exists(), first.stderr

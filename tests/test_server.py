@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -561,9 +562,11 @@ def test_serve_command_shuts_down_cleanly_on_sigterm(tmp_path):
                     break
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        refused = httpx.post(url + "/v1/chat/completions", json={"messages": "hi"}, timeout=60)
+        assert refused.status_code == 400
         body = {
             "messages": [{"role": "user", "content": "Name two colours."}],
-            "max_tokens": 40,
+            "max_tokens": 12,  # short: it must finish within the 30 s of grace even on a loaded machine
             "stream": True,
         }
         lines = []
@@ -581,6 +584,14 @@ def test_serve_command_shuts_down_cleanly_on_sigterm(tmp_path):
         ]
         assert reasons[-1] in ("stop", "length")  # finished, not cut off
         assert process.wait(60) == 0
+        # a line per request on stderr: the endpoint, the status, the tokens, the speed
+        log = process.stderr.read().decode()
+        assert "POST /v1/chat/completions 400 " in log
+        served = re.search(
+            r"POST /v1/chat/completions 200 prompt (\d+) tokens \(\d+ cached\), reply (\d+) tokens", log
+        )
+        assert served and 0 < int(served[2]) <= 12, log
+        assert "tokens/s" in log
     finally:
         if process.poll() is None:
             process.kill()

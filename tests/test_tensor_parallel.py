@@ -117,8 +117,9 @@ def test_cli_under_torchrun_gives_the_single_process_replies(tmp_path):
         split = subprocess.run([*torchrun, *run], capture_output=True, text=True, env=env, timeout=300)
         assert alone.returncode == 0 and split.returncode == 0, split.stderr[-3000:]
         assert split.stdout == alone.stdout and alone.stdout.strip()
-    chat = ["chatlm", "chat", str(path), "--max-new-tokens", "6"]
-    lines = "first message\n/reset\nsecond message\n/exit\n"
+    chat = ["chatlm", "chat", str(path), "--max-new-tokens", "6", "--temperature", "0"]
+    # commands that change the chat reach every rank too
+    lines = "first message\n/reset\n/system Be brief.\n/set max_tokens 4\nsecond message\n/exit\n"
     alone = subprocess.run(
         [sys.executable, "-m", *chat], input=lines, capture_output=True, text=True, env=env, timeout=120
     )

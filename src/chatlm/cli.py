@@ -16,12 +16,24 @@ import threading
 import time
 from collections.abc import Callable
 
+from . import cli_models
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")  # bench.QUANTIZATIONS (not imported: torch is slow)
 
 
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("chatlm")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatlm", description="Chat with open models on your own hardware.")
+    parser.add_argument("--version", action="version", version=f"chatlm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def weights(p: argparse.ArgumentParser) -> None:
@@ -43,10 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--temperature",
             type=_non_negative_float,
-            default=0.0,
-            help="sampling temperature; 0 decodes greedily (default 0)",
+            default=None,
+            help="sampling temperature; 0 decodes greedily (default: the model's own; else 0.7 in a chat, 0 for "
+            "run)",
         )
-        p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+        p.add_argument(
+            "--top-p",
+            type=_probability,
+            default=None,
+            help="nucleus sampling threshold (default 0.9 in a chat)",
+        )
         p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
         p.add_argument(
             "--think",
@@ -105,12 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(chat)
     chat.set_defaults(func=cmd_chat)
 
-    run = sub.add_parser("run", help="answer one prompt and exit (for scripts)")
+    run = sub.add_parser("run", help="answer one prompt and exit (for scripts); with only a model, a chat")
     run.add_argument(
         "model_and_prompt",
         nargs="+",
         metavar="[MODEL] PROMPT",
         help="an optional model, then the prompt ('-' reads it from standard input)",
+    )
+    run.add_argument(
+        "--raw",
+        action="store_true",
+        help="the prompt as plain text, without the chat template (base models, template-less files)",
     )
     run.add_argument(
         "--json-schema",
@@ -205,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API")
     serve.add_argument(
+        "--quiet", action="store_true", help="no line per request (endpoint, status, tokens, speed) on stderr"
+    )
+    serve.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -215,34 +241,50 @@ def build_parser() -> argparse.ArgumentParser:
     cache_ram(serve)
     weights(serve)
     serve.set_defaults(func=cmd_serve)
+    cli_models.add_commands(sub)  # pull, list, rm
     return parser
 
 
+def _convert(text: str, kind: type, what: str):
+    # argparse would name the function in its message ("invalid _positive_int value"): say what is wanted
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _convert(text, int, "a whole number of at least 1")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _convert(text, int, "a whole number, 0 or more")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _convert(text, int, "a port number (0-65535)")
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {text}")
+        raise argparse.ArgumentTypeError(f"must be a port number (0-65535), not {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _convert(text, float, "a number, 0 or more")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _convert(text, float, "a number over 0 and at most 1")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be over 0 and at most 1, not {text}")
     return value
 
 
@@ -270,13 +312,15 @@ class Session:
         from .tokenizer import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_ref)
-        self.model = _load_model(model_ref, args, tensor_parallel=_distributed())
-        if self.tokenizer.chat_template is None:
+        if self.tokenizer.chat_template is None:  # said before the weights load
             raise ValueError(
-                f"{model_ref or 'the model'} has no chat template; use `chatlm run` with plain text"
+                f"{model_ref or 'the model'} has no chat template; use `chatlm run --raw` with plain text"
             )
         if args.prompt_lookup and args.draft:
             raise ValueError("choose one of --prompt-lookup and --draft")
+        self.model_ref = model_ref
+        self.model = _load_model(model_ref, args, tensor_parallel=_distributed())
+        _sampling_defaults(args, self.model.generation_config)
         self.draft = None
         if args.draft:
             self.draft = _load_model(args.draft, args, tensor_parallel=False)  # whole on every rank
@@ -297,6 +341,74 @@ class Session:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.ids: list[int] = []  # the chat's tokens as last computed, whose keys and values may be cached
+
+    def set_system(self, text: str) -> None:
+        """A new system prompt, the chat kept."""
+        self.system = text
+        if self.messages and self.messages[0]["role"] == "system":
+            self.messages[0] = {"role": "system", "content": text}
+        else:
+            self.messages.insert(0, {"role": "system", "content": text})
+
+    def set_thinking(self, on: bool) -> None:
+        from .chat_turn import reply_format_for
+
+        if reply_format_for(self.tokenizer).reasoning is None:
+            raise ValueError("/think: this model's chat template has no thinking section")
+        self.think = on
+
+    def describe(self) -> str:
+        """/model: the model, its size, weights and context window."""
+        from .loading.resolve import BUNDLED_NAME
+
+        config = self.model.config
+        quantization = getattr(self.model, "quantization_config", None)
+        weights = f"{self.model.dtype}".replace("torch.", "")
+        if quantization is not None:
+            kind = (
+                "GGUF blocks as stored"
+                if quantization.keep_gguf_blocks
+                else "int8"
+                if quantization.load_in_8bit
+                else "int4"
+            )
+            weights = f"{kind}, computing in {weights}"
+        return (
+            f"{self.model_ref or BUNDLED_NAME}: {config.model_type}, {config.num_hidden_layers} layers of "
+            f"{config.hidden_size}; weights {weights}; context window {config.max_position_embeddings} tokens; "
+            f"temperature {self.args.temperature}, top_p {self.args.top_p}, max_tokens {self.args.max_new_tokens}"
+        )
+
+    def _fit_context(self, turn_of):
+        """The turn of the chat so far, the oldest turns dropped (the system prompt kept) until its prompt
+        leaves room for a reply; said, never silent. A message that cannot fit even alone is a ValueError (it is
+        taken back)."""
+        context = self.model.config.max_position_embeddings
+        room = min(self.args.max_new_tokens, max(context // 4, 1))
+        turn = turn_of()
+        dropped = 0
+        while len(turn.prompt_ids) + room > context:
+            first = 1 if self.messages[0]["role"] == "system" else 0
+            if len(self.messages) - first <= 1:
+                self.messages.pop()
+                raise ValueError(
+                    f"this message ({len(turn.prompt_ids)} tokens with the system prompt) leaves no room for a "
+                    f"reply in the context window of {context} tokens; it was not sent"
+                )
+            # drop the oldest exchange: its user message and what follows up to the next one
+            end = first + 1
+            while end < len(self.messages) - 1 and self.messages[end]["role"] != "user":
+                end += 1
+            dropped += end - first
+            del self.messages[first:end]
+            turn = turn_of()
+        if dropped:
+            print(
+                f"(the chat outgrew the context window of {context} tokens: the {dropped} oldest messages were "
+                "dropped, the system prompt kept)",
+                file=sys.stderr,
+            )
+        return turn
 
     def save(self, path: str) -> int:
         """Keep the chat in ``path`` with the keys and values of its tokens (not under tensor parallelism, where
@@ -327,8 +439,10 @@ class Session:
         from .chat_turn import ChatTurn, thinking_kwargs
 
         self.messages.append({"role": "user", "content": user_text})
-        turn = ChatTurn.render(
-            self.tokenizer, self.messages, template_kwargs=thinking_kwargs(enabled=self.think)
+        turn = self._fit_context(
+            lambda: ChatTurn.render(
+                self.tokenizer, self.messages, template_kwargs=thinking_kwargs(enabled=self.think)
+            )
         )
         ids = torch.tensor([turn.prompt_ids])
         parser = turn.reply_stream() if turn.parses_reply else None
@@ -356,9 +470,10 @@ class Session:
         prompt = turn.prompt_ids
         cache = self.prefix_cache.fetch(self.model, prompt, limit=len(prompt) - 1)
         reused, started = cache.offset, time.perf_counter()
+        room = self.model.config.max_position_embeddings - len(prompt)
         output = self.model.generate(
             ids.to(self.model.device),
-            max_new_tokens=self.args.max_new_tokens,
+            max_new_tokens=min(self.args.max_new_tokens, room),
             streamer=streamer,
             past_key_values=cache,
             **options,
@@ -404,6 +519,21 @@ class Session:
             answer = response_format_constraint(self.model, config, response_format, self.tokenizer)
         vocab = self.model.config.vocab_size
         return reply_constraint(turn, self.tokenizer, vocab, self.args.reasoning_budget, answer)
+
+
+def _sampling_defaults(args: argparse.Namespace, generation_config) -> None:
+    """Sampling options left unset: the model's own (its generation_config, as transformers' pipeline does) for
+    a chat, else temperature 0.7 and top_p 0.9; greedy for `chatlm run` (a script's reply is reproducible)."""
+    if args.temperature is not None:
+        return
+    if args.command == "run":
+        args.temperature = 0.0
+    elif generation_config.do_sample:
+        args.temperature = generation_config.temperature if generation_config.temperature is not None else 1.0
+        args.top_p = args.top_p if args.top_p is not None else generation_config.top_p
+    else:
+        args.temperature = 0.7
+        args.top_p = args.top_p if args.top_p is not None else 0.9
 
 
 def _callback_streamer(tokenizer, on_text, on_reasoning, parser, generation_config):
@@ -462,151 +592,37 @@ def _from_rank0(value):
     return box[0]
 
 
-def _follow(session: Session) -> int:
-    """A rank other than 0 in `chatlm chat`: the same replies to the same messages, its output unseen."""
-    while True:
-        text = _from_rank0(None)
-        if text is None:
-            return 0
-        if text == "/reset":
-            session.reset()
-        elif isinstance(text, str) and text.startswith("/think "):
-            _set_thinking(session, text)
-        elif isinstance(text, list):  # a chat rank 0 loaded
-            session.messages, session.ids = text, []
-        else:
-            session.reply(text, lambda _: None, lambda _: None)
-
-
-def _set_thinking(session: Session, command: str) -> bool:
-    """``/think on|off``: whether the next replies think (False, with a message, for a model that cannot)."""
-    from .chat_turn import reply_format_for
-
-    if reply_format_for(session.tokenizer).reasoning is None:
-        print("/think: this model's chat template has no thinking section", file=sys.stderr)
-        return False
-    session.think = command.split()[1] == "on"
-    return True
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_repl import follow, run_chat
+
     session = Session(args.model, args)
-    if _distributed() and _rank() != 0:
-        return _follow(session)
     share = _from_rank0 if _distributed() else (lambda text: text)
+    if _distributed() and _rank() != 0:
+        return follow(session, share)
     try:
-        return _chat_loop(session, share)
+        return run_chat(session, share, _write, _write_reasoning)
     finally:
         if _distributed():
             share(None)  # the followers stop too
-
-
-def _chat_loop(session: Session, share) -> int:
-    interactive = sys.stdin.isatty()
-    keep = session.args.save
-    if keep and os.path.exists(keep):
-        _load(session, keep, share)
-    if interactive:
-        print(
-            "chatlm: type a message, /reset to start over, /save FILE or /load FILE to keep the chat, /think on|off "
-            "for a reasoning model, /exit to quit.",
-            file=sys.stderr,
-        )
-    while True:
-        try:
-            line = input(">>> " if interactive else "")
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit", "/bye"):
-            break
-        if text == "/reset":
-            share(text)
-            session.reset()
-            print("(chat reset)", file=sys.stderr)
-            if keep:
-                _save(session, keep)
-            continue
-        command, _, path = text.partition(" ")
-        if command == "/think":
-            if path.strip() not in ("on", "off"):
-                print("/think needs on or off", file=sys.stderr)
-            else:
-                share(text)
-                if _set_thinking(session, text):
-                    print(f"(thinking {path.strip()})", file=sys.stderr)
-            continue
-        if command in ("/save", "/load"):
-            if not path.strip():
-                print(f"{command} needs a file name", file=sys.stderr)
-            elif command == "/save":
-                _save(session, path.strip(), say=True)
-            else:
-                _load(session, path.strip(), share)
-            continue
-        if text.startswith("/"):
-            print(
-                f"unknown command {command}: /reset, /save FILE, /load FILE, /think on|off or /exit",
-                file=sys.stderr,
-            )
-            continue
-        try:
-            share(text)
-            session.reply(text, _write, _write_reasoning)
-        except KeyboardInterrupt:
-            print("\n(interrupted)", file=sys.stderr)
-            session.messages.pop()
-            continue
-        print(flush=True)
-        if keep:
-            _save(session, keep)
-    return 0
-
-
-def _save(session: Session, path: str, say: bool = False) -> None:
-    try:
-        saved = session.save(path)
-    except OSError as error:
-        print(f"(could not save the chat to {path}: {error.strerror or error})", file=sys.stderr)
-        return
-    if say:
-        print(f"(chat saved to {path}, with {saved} tokens of cache)", file=sys.stderr)
-
-
-def _load(session: Session, path: str, share) -> None:
-    try:
-        loaded = session.load(path)
-    except FileNotFoundError:
-        print(f"(no saved chat at {path})", file=sys.stderr)
-        return
-    except (OSError, ValueError) as error:
-        print(f"(could not load {path}: {error})", file=sys.stderr)
-        return
-    if _distributed():
-        share(loaded.messages)
-    turns = sum(m["role"] == "user" for m in loaded.messages)
-    if loaded.refused:
-        how = f"its cache is not used: {loaded.refused}; the chat will be computed anew"
-    else:
-        how = f"{loaded.restored_tokens} tokens of cache restored"
-    print(f"(loaded a chat of {turns} turns from {path}; {how})", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     parts = args.model_and_prompt
     if len(parts) > 2:
         raise ValueError("give at most a model and one prompt (quote the prompt)")
+    if len(parts) == 1 and _names_a_model(parts[0]):  # `chatlm run MODEL`: a chat, as `ollama run` opens one
+        if args.raw or args.json_schema:
+            raise ValueError("--raw and --json-schema answer one prompt: give the prompt after the model")
+        args.model, args.command, args.save = parts[0], "chat", None
+        return cmd_chat(args)
     model_ref, prompt = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
     if prompt == "-" and _rank() == 0:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     args.schema = _read_schema(args.json_schema) if args.json_schema else None
+    if args.raw:
+        return _run_raw(model_ref, prompt, args)
     session = Session(model_ref, args)
     if _distributed():  # rank 0 read the prompt; the others compute their share of the same reply, silently
         prompt = _from_rank0(prompt)
@@ -614,6 +630,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             session.reply(prompt, lambda _: None, lambda _: None)
             return 0
     session.reply(prompt, _write, _write_reasoning)
+    print(flush=True)
+    return 0
+
+
+def _names_a_model(text: str) -> bool:
+    """Whether `chatlm run`'s one argument is a model rather than a prompt: a file or folder that exists, the
+    bundled model's name, or a Hub id (ORG/NAME, with a :QUANT tag or not)."""
+    import re
+
+    from .loading.resolve import BUNDLED_NAME
+
+    return (
+        os.path.exists(text)
+        or text == BUNDLED_NAME
+        or re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", text) is not None
+    )
+
+
+def _run_raw(model_ref: str | None, prompt: str, args: argparse.Namespace) -> int:
+    """`chatlm run --raw`: the prompt as plain text, no chat template (base models, template-less GGUFs)."""
+    from .generation.streamers import TextStreamer
+    from .tokenizer import AutoTokenizer
+
+    if args.schema is not None or args.think or args.reasoning_budget is not None:
+        raise ValueError("--raw takes no --json-schema, --think or --reasoning-budget")
+    tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    model = _load_model(model_ref, args, tensor_parallel=False)
+    _sampling_defaults(args, model.generation_config)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    options = {"do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        options.update(temperature=args.temperature, top_p=args.top_p or 1.0)
+    room = model.config.max_position_embeddings - ids.shape[1]
+    if room < 1:
+        raise ValueError(f"the prompt ({ids.shape[1]} tokens) fills the context window")
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            _write(text)
+
+    model.generate(
+        ids.to(model.device),
+        max_new_tokens=min(args.max_new_tokens, room),
+        streamer=Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+        **options,
+    )
     print(flush=True)
     return 0
 
@@ -687,18 +749,41 @@ def _write_reasoning(text: str) -> None:
     sys.stderr.flush()
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(
+                f"cannot serve on {host}:{port}: {e.strerror or e} (choose another --port)"
+            ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .serving.app import create_app
     from .tokenizer import AutoTokenizer
 
+    if _rank() == 0:
+        _check_port(args.host, args.port)  # before the weights load: a port in use is said at once
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.chat_template is None:
         print(
             "chatlm: warning: the model has no chat template; only /v1/completions will work", file=sys.stderr
         )
     model = _load_model(args.model, args, tensor_parallel=_distributed())
+    if not args.quiet:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        requests = logging.getLogger("chatlm.requests")
+        requests.addHandler(handler)
+        requests.setLevel(logging.INFO)
     side = None
     if (
         _distributed()

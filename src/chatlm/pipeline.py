@@ -35,6 +35,7 @@ CALL_OPTIONS = {
     "chat_template_kwargs",
     "response_format",
     "reasoning_budget",
+    "streamer",  # as transformers' pipeline: handed to generate (one sequence at a time)
 }
 
 
@@ -122,6 +123,11 @@ class TextGenerationPipeline:
             continues.append(cont)
             turns.append(turn)
         constraint = self._constraint(turns, config, options)
+        streamer = options.get("streamer")
+        if streamer is not None and len(prompts) * config.num_return_sequences > 1:
+            raise ValueError(
+                "a streamer takes one sequence: call the pipeline with one input and one sequence"
+            )
         ids, mask = _left_pad(prompts, _pad_id(tok, config))
         n = config.num_return_sequences
         # One sequence at a time reuses and feeds the prefix cache; a batch of prompts decodes together.
@@ -135,6 +141,7 @@ class TextGenerationPipeline:
             assistant_model=options.get("assistant_model", self.assistant_model),
             past_key_values=cache,
             constraint=constraint,
+            streamer=streamer,
         )
         if config.return_dict_in_generate:
             output = output.sequences

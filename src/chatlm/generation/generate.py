@@ -59,6 +59,11 @@ def prepare_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if input_ids is None:
         raise ValueError("generate() needs input_ids (a (batch, sequence) tensor of token ids)")
+    if isinstance(input_ids, Mapping):  # apply_chat_template(..., return_dict=True) or tokenizer(...) output
+        raise TypeError(
+            "generate() got the tokenizer's output (a dict of input_ids and attention_mask): call "
+            "model.generate(**inputs, ...)"
+        )
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.as_tensor(input_ids)
     if input_ids.dim() == 1:

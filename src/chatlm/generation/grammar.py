@@ -65,16 +65,23 @@ def json_schema_grammar(schema: Mapping[str, Any] | bool, engine_tokenizer) -> s
     engine = _engine()
     if not isinstance(schema, (Mapping, bool)):
         raise GrammarError(f"a JSON schema is an object (or true), not {type(schema).__name__}")
+    document = json.dumps(schema if schema is not True else {})
+    return _checked(
+        lambda: engine.LLMatcher.grammar_from_json_schema(document, defaults=_JSON_STYLE),
+        engine_tokenizer,
+        "the JSON schema",
+    )
+
+
+def _checked(build, engine_tokenizer, what: str) -> str:
+    """The grammar ``build`` makes, validated against the tokenizer: any failure a `GrammarError` saying why."""
     try:
-        grammar = engine.LLMatcher.grammar_from_json_schema(
-            json.dumps(schema if schema is not True else {}),
-            defaults=_JSON_STYLE,
-        )
+        grammar = build()
     except ValueError as e:
-        raise GrammarError(f"the JSON schema cannot be compiled: {e}") from e
-    failed, messages = engine.LLMatcher.validate_grammar_with_warnings(grammar, engine_tokenizer)
+        raise GrammarError(f"{what} cannot be compiled: {e}") from e
+    failed, messages = _engine().LLMatcher.validate_grammar_with_warnings(grammar, engine_tokenizer)
     if failed:
-        raise GrammarError(f"the JSON schema cannot be compiled: {messages[0]}")
+        raise GrammarError(f"{what} cannot be compiled: {messages[0]}")
     return grammar
 
 
@@ -158,15 +165,7 @@ def _regex(text: str) -> str:
 
 def lark_grammar(text: str, engine_tokenizer) -> str:
     """A Lark grammar (llguidance's dialect), checked as `json_schema_grammar` checks a schema."""
-    engine = _engine()
-    try:
-        grammar = engine.LLMatcher.grammar_from_lark(text)
-    except ValueError as e:
-        raise GrammarError(f"the grammar cannot be compiled: {e}") from e
-    failed, messages = engine.LLMatcher.validate_grammar_with_warnings(grammar, engine_tokenizer)
-    if failed:
-        raise GrammarError(f"the grammar cannot be compiled: {messages[0]}")
-    return grammar
+    return _checked(lambda: _engine().LLMatcher.grammar_from_lark(text), engine_tokenizer, "the grammar")
 
 
 class GrammarConstraint:

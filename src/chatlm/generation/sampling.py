@@ -219,14 +219,17 @@ class RowSampler:
             scores = (
                 scores - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
             )
-        for process in self.processors:
-            scores = process(None, scores)
+        # Token bans come before the warpers (as transformers orders its processors): top-k/top-p/min-p then
+        # pick among the allowed tokens, instead of keeping only banned ones and leaving nothing to choose.
         if self.produced < p.min_tokens and self.eos:
-            scores[:, self.eos] = -float("inf")
+            # not in place: the raw logits stay as they are (logprobs)
+            scores = scores.index_fill(1, torch.tensor(self.eos), -float("inf"))
         if self.constraint is not None:
             allowed = self.constraint.mask()
             if allowed is not None:
                 scores = scores.masked_fill(~allowed[None], -float("inf"))
+        for process in self.processors:
+            scores = process(None, scores)
         return scores
 
     def choose(

@@ -20,7 +20,7 @@ from ..reply_parsing import ReplyDelta
 from .chat_run import ChatRun, render_turn
 from .engine import SamplingParams
 from .protocol import APIError, ChatRequest, Fields, bad
-from .server import Server
+from .server import Server, log_rejected
 
 # The fields each endpoint reads; anything else is a 400 that names it (chatlm never takes a parameter it does not
 # honour). "metadata" is the client's own label; "cache_control" (on the request, its blocks and tools) asks for
@@ -74,6 +74,7 @@ async def _anthropic_errors(server: Server, answer) -> Any:
         return await answer
     except APIError as e:
         server.engine.metrics.reject(e.status)
+        log_rejected(e.status, e.message)
         return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
 
 

@@ -19,7 +19,16 @@ from . import anthropic_api, responses_api
 from .chat_run import ChatRun
 from .engine import Engine, SamplingParams
 from .protocol import APIError, ChatRequest, CompletionRequest, new_id, parse_chat, parse_completion
-from .server import Job, Server, finish_reason, openai_tool_calls, stream_chunk, usage
+from .server import (
+    Job,
+    Server,
+    current_route,
+    finish_reason,
+    log_rejected,
+    openai_tool_calls,
+    stream_chunk,
+    usage,
+)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -300,14 +309,21 @@ def create_app(
             allow_credentials="*" not in cors_origins,
         )
 
+    @app.middleware("http")
+    async def route_of_the_request(request: Request, call_next):
+        current_route.set(f"{request.method} {request.url.path}")  # for the request's log line
+        return await call_next(request)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         engine.metrics.reject(error.status)
+        log_rejected(error.status, error.message)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         engine.metrics.reject(error.status_code)
+        log_rejected(error.status_code, str(error.detail))
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         body = APIError(
             error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind

@@ -83,7 +83,8 @@ CHAT_FIELDS = _SAMPLING_FIELDS | {
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 
 
-def _known_fields(body: dict[str, Any], known: set[str]) -> None:
+def refuse_unknown(body: dict[str, Any], known: set[str]) -> None:
+    """OpenAI's rule: a field the endpoint does not read is a 400 that names it."""
     unknown = sorted(set(body) - known)
     if unknown:
         raise APIError(
@@ -92,6 +93,10 @@ def _known_fields(body: dict[str, Any], known: set[str]) -> None:
             param=unknown[0],
             code="unknown_parameter",
         )
+
+
+def _known_fields(body: dict[str, Any], known: set[str]) -> None:
+    refuse_unknown(body, known)
     # known, with a value chatlm cannot honour
     if body.get("parallel_tool_calls") is False:
         raise bad(

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from ..chat_turn import thinking_kwargs
 from .chat_run import ChatRun, ReplyStep
-from .protocol import APIError, ChatRequest, Fields, bad, common_options
+from .protocol import APIError, ChatRequest, Fields, bad, common_options, refuse_unknown
 from .server import Server
 
 # The fields read here; anything else is a 400 that names it (as on the other endpoints). "user", "metadata",
@@ -145,14 +145,7 @@ def parse_responses(body: dict[str, Any]) -> ResponsesRequest:
 
 def _known_fields(body: dict[str, Any]) -> None:
     """Unknown fields, and known ones with a value chatlm cannot honour, are 400s that name them."""
-    unknown = sorted(set(body) - RESPONSES_FIELDS - set(_EXTENSIONS))
-    if unknown:
-        raise APIError(
-            400,
-            f"Unrecognized request argument supplied: {unknown[0]} (chatlm rejects parameters it does not honour)",
-            param=unknown[0],
-            code="unknown_parameter",
-        )
+    refuse_unknown(body, RESPONSES_FIELDS | set(_EXTENSIONS))
     stateless = "chatlm keeps no responses: send the whole conversation in 'input'"
     for name in ("previous_response_id", "conversation"):
         if body.get(name) is not None:

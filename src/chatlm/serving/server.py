@@ -4,10 +4,12 @@ engine request seen from the event loop (`Job`), with the pieces of a reply that
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import importlib.metadata
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,12 +20,22 @@ from . import engine as engine_module
 from .engine import Delta, Engine, EngineStopped, QueueFull, SamplingParams
 from .protocol import APIError, bad, new_id, parse_json
 
+# One line per request (``chatlm serve`` prints them; --quiet turns them off): the endpoint, the status, the tokens
+# in and out, the time to the first token and the speed.
+request_log = logging.getLogger("chatlm.requests")
+current_route: contextvars.ContextVar[str] = contextvars.ContextVar("current_route", default="")
+
+
+def log_rejected(status: int, message: str) -> None:
+    request_log.info("%s %d %s", current_route.get(), status, message)
+
 
 class Job:
     """One engine request seen from the event loop: its deltas arrive on an asyncio queue."""
 
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int, skip_special: bool):
         self.engine = engine
+        self.route, self.started, self.first, self.generated = current_route.get(), time.monotonic(), None, 0
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.request = engine_module.Request(prompt, params, self._sink, n, skip_special_tokens=skip_special)
@@ -60,10 +72,35 @@ class Job:
                         continue
                 if delta.finish_reason is not None:
                     self.open -= 1
+                if delta.token_ids and self.first is None:
+                    self.first = time.monotonic()
+                self.generated += len(delta.token_ids)
                 yield delta
         finally:
             if self.open:
                 self.engine.cancel(self.request)
+            self._log()
+
+    def _log(self) -> None:
+        if not request_log.isEnabledFor(logging.INFO):
+            return
+        end = time.monotonic()
+        prompt, cached = len(self.request.prompt), self.request.cached_tokens
+        timing = ""
+        if self.first is not None:
+            speed = (
+                (self.generated - 1) / (end - self.first) if self.generated > 1 and end > self.first else 0.0
+            )
+            timing = f", first token {1000 * (self.first - self.started):.0f} ms, {speed:.1f} tokens/s"
+        request_log.info(
+            "%s 200 prompt %d tokens (%d cached), reply %d tokens%s%s",
+            self.route,
+            prompt,
+            cached,
+            self.generated,
+            timing,
+            "" if not self.open else " (cancelled)",
+        )
 
 
 def system_fingerprint(model, name: str) -> str:
