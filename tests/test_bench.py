@@ -8,12 +8,13 @@ import math
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from chatlm.auto import AutoModelForCausalLM
-from chatlm.bench import decode_weight_bytes, format_bench, quantization_config, run_bench
+from chatlm.bench import ForeignLoad, decode_weight_bytes, format_bench, quantization_config, run_bench
 from chatlm.cli import main
 from chatlm.models import model_class
 from chatlm.models.config import ModelConfig
@@ -56,6 +57,10 @@ def test_run_bench_numbers_are_sane_and_consistent(tiny):
     assert r.ttft_s == min(r.ttft_samples_s) and r.decode_tokens_per_s == max(r.decode_samples_tokens_per_s)
     assert r.prefill_tokens_per_s == pytest.approx(16 / r.ttft_s)
     assert r.decode_tokens_per_s > 0 and r.decode_ms_per_token == pytest.approx(1000 / r.decode_tokens_per_s)
+    low, high = min(r.decode_samples_tokens_per_s), max(r.decode_samples_tokens_per_s)
+    assert low <= r.decode_median_tokens_per_s <= high
+    assert r.decode_spread == pytest.approx((high - low) / r.decode_median_tokens_per_s)
+    assert r.foreign_load_cores is not None and r.foreign_load_cores >= 0
 
     model = AutoModelForCausalLM.from_pretrained(tiny)
     params = dict(model.named_parameters())
@@ -75,7 +80,25 @@ def test_run_bench_numbers_are_sane_and_consistent(tiny):
     assert q["scored"] == q["tokens"] - 1 and math.isfinite(q["perplexity"]) and q["perplexity"] > 1
     assert q["perplexity"] == pytest.approx(math.exp(q["mean_nll"]))
     text = format_bench(r)
-    assert "tok/s" in text and "perplexity" in text and "MiB" in text
+    assert "tok/s" in text and "perplexity" in text and "MiB" in text and "spread" in text
+
+
+def test_foreign_load_sees_another_process_working():
+    """A process spinning on a core while this one sleeps shows up as foreign load (at least part of a core: a
+    loaded machine shares it, it never hides it); the benchmark's busy warning rests on this."""
+    load = ForeignLoad()
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"]
+    )
+    try:
+        time.sleep(0.5)  # the interpreter is up and spinning
+        load.start()
+        time.sleep(1.0)
+        busy = load.stop()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy > 0.3
 
 
 def test_decode_weight_bytes_tied_and_experts():

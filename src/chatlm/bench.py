@@ -9,7 +9,11 @@ What ``run_bench`` measures, in this process:
   notes when each token arrives. Time to first token is from the call to the first token (prefill, one lm_head
   row, sampling); prefill tokens/s is ``prompt_tokens`` / that time.
 - decode: ``(new_tokens - 1)`` / (arrival of the last token - arrival of the first): the prefill is left out.
-- each figure is the best of ``repeats`` runs (other processes only ever add time), after one warm-up run.
+- each figure is the best of ``repeats`` runs (other processes only ever add time), after one warm-up run; the
+  median and the spread ((slowest - fastest) / median) of decode are reported beside it.
+- busy: the CPU time other processes (and the hypervisor's steal) took while the runs were timed, in cores
+  (``/proc/stat`` less this process's own CPU time). Above ``BUSY_CORES`` the report warns that the figures are
+  low by an unknown amount: benchmark on a quiet machine.
 - memory: the resident set size before loading (the baseline: Python, torch, the tokenizer), after loading, and its
   high-water mark over the load and the runs. On Linux the mark is reset first (``/proc/self/clear_refs``), so an
   earlier peak of the process does not count; where that is not possible the note says so.
@@ -26,6 +30,7 @@ import dataclasses
 import os
 import random
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ import torch
 from torch import nn
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
+BUSY_CORES = 0.25  # foreign CPU use during the runs above which the report warns
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -86,6 +92,9 @@ class BenchResult:
     bandwidth_fraction: float
     ttft_samples_s: list[float] = field(default_factory=list)
     decode_samples_tokens_per_s: list[float] = field(default_factory=list)
+    decode_median_tokens_per_s: float = float("nan")
+    decode_spread: float = float("nan")  # (slowest - fastest) / median of the runs' decode rates
+    foreign_load_cores: float | None = None  # other processes' CPU use while timed, in cores (None: unknown)
     quality: dict[str, Any] | None = None  # perplexity on the shipped text (PerplexityResult.to_dict + text)
     notes: list[str] = field(default_factory=list)
 
@@ -262,6 +271,34 @@ def quantization_config(quantization: str, model=None, device: str | None = None
     return QuantizationConfig(load_in_8bit=quantization == "int8", load_in_4bit=quantization == "int4")
 
 
+# --- foreign load ------------------------------------------------------------------------------------------
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds all processes of this machine have used since boot (the hypervisor's steal included: time
+    this machine wanted a core and did not get one), or None where there is no ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait
+    busy = sum(int(x) for i, x in enumerate(fields[1:9]) if i not in (3, 4))
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """Measures the CPU time other processes take between ``start()`` and ``stop()``, in cores."""
+
+    def start(self) -> None:
+        self.machine, self.own, self.wall = machine_cpu_seconds(), time.process_time(), time.perf_counter()
+
+    def stop(self) -> float | None:
+        machine = machine_cpu_seconds()
+        if machine is None or self.machine is None:
+            return None
+        own = time.process_time() - self.own
+        return max(0.0, (machine - self.machine - own) / (time.perf_counter() - self.wall))
+
+
 # --- the benchmark -------------------------------------------------------------------------------------------
 def run_bench(
     model: str | os.PathLike | None = None,
@@ -350,10 +387,18 @@ def run_bench(
     say("warming up")
     time_generate(loaded, prompt, 2)
     runs = []
+    foreign = ForeignLoad()
+    foreign.start()
     for i in range(repeats):
         say(f"run {i + 1} of {repeats}: {prompt_tokens}-token prompt, {new_tokens} new tokens")
         runs.append(time_generate(loaded, prompt, new_tokens))
+    foreign_load = foreign.stop()
     peak = peak_rss_mib()
+    if foreign_load is not None and foreign_load > BUSY_CORES:
+        notes.append(
+            f"the machine was busy: other processes used {foreign_load:.2f} of {os.cpu_count()} cores while the "
+            "runs were timed, so these figures are low by an unknown amount; measure on a quiet machine"
+        )
 
     weights = decode_weight_bytes(loaded)
     ttft = min(r.ttft_s for r in runs)
@@ -385,6 +430,10 @@ def run_bench(
         bandwidth_fraction=weights * decode_tps / bandwidth,
         ttft_samples_s=[r.ttft_s for r in runs],
         decode_samples_tokens_per_s=[r.decode_tps for r in runs],
+        decode_median_tokens_per_s=statistics.median(r.decode_tps for r in runs),
+        decode_spread=(max(r.decode_tps for r in runs) - min(r.decode_tps for r in runs))
+        / statistics.median(r.decode_tps for r in runs),
+        foreign_load_cores=foreign_load,
         notes=notes,
     )
     if quality:
@@ -445,6 +494,14 @@ def format_bench(result: BenchResult) -> str:
             f"stride {q['stride']}; {q['seconds']:.1f} s)",
         )
     samples = ", ".join(_rate(x) for x in r.decode_samples_tokens_per_s)
-    lines.append(f"  best of {r.repeats} run{'s' if r.repeats > 1 else ''} (decode tok/s: {samples})")
+    if r.repeats > 1:
+        lines.append(
+            f"  best of {r.repeats} runs; decode median {_rate(r.decode_median_tokens_per_s)} tok/s, spread "
+            f"{r.decode_spread:.0%} (tok/s: {samples})"
+        )
+    else:
+        lines.append(f"  one run (decode tok/s: {samples})")
+    if r.foreign_load_cores is not None:
+        lines.append(f"  other processes used {r.foreign_load_cores:.2f} cores while the runs were timed")
     lines.extend(f"  note: {note}" for note in r.notes)
     return "\n".join(lines)

@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--quiet", action="store_true", help="no line per request (endpoint, status, tokens, speed) on stderr"
     )
+    serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API only)")
     serve.add_argument(
         "--cors-origin",
         action="append",
@@ -811,6 +812,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         side=side,
         cache_ram=args.cache_ram << 20,
         cors_origins=tuple(args.cors_origin),
+        web_page=not args.no_web,
     )
     engine = app.state.server.engine
     # On SIGTERM or Ctrl-C, in-flight requests get 30 s to finish, then they are cancelled. HTTP runs on a thread
@@ -832,6 +834,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine.shutdown()
         raise OSError(f"could not serve on {args.host}:{args.port}")
     print(f"chatlm: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    if not args.no_web:
+        print(f"chatlm: chat page at http://{args.host}:{args.port}/", file=sys.stderr)
     engine.run()  # until the app's lifespan ends: uvicorn has finished with its connections
     http.join()
     return 0

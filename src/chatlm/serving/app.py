@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from ..generation.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from . import anthropic_api, responses_api
+from . import web_page as web_page_routes
 from .chat_run import ChatRun
 from .engine import Engine, SamplingParams
 from .protocol import APIError, ChatRequest, CompletionRequest, new_id, parse_chat, parse_completion
@@ -275,13 +276,14 @@ def create_app(
     side=None,
     cache_ram: int = DEFAULT_MAX_BYTES,
     cors_origins: tuple[str, ...] = (),
+    web_page: bool = True,
 ) -> FastAPI:
     """The OpenAI-compatible app around one model. Its engine's thread starts here (``engine_thread=False``:
     the caller runs ``app.state.server.engine.run()`` itself) and stops with the app's lifespan. ``side``: how
     the engine reaches the model (`model_side`; tensor parallelism passes rank 0's broadcasting one, with its
     own prefix cache). ``cache_ram``: bytes of keys and values kept for prompts that start as earlier ones did
     (0: off). ``cors_origins``: the web origins whose pages may call the API from a browser (CORS; none by
-    default, "*" for any)."""
+    default, "*" for any). ``web_page``: the chat page at ``/``."""
     engine = Engine(
         model,
         tokenizer,
@@ -341,6 +343,8 @@ def create_app(
     # the other APIs over the same chat runs: each module adds its own routes
     anthropic_api.add_routes(app, server)
     responses_api.add_routes(app, server)
+    if web_page:
+        web_page_routes.add_routes(app)
 
     @app.get("/v1/models")
     async def models(request: Request):
