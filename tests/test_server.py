@@ -31,9 +31,10 @@ NAME = "smollm2"
 
 
 @contextlib.contextmanager
-def running_server(model, chat_template: str | None = None, **options):
-    """The app on a free port of 127.0.0.1 in a thread; yields its base URL and the app."""
-    tok = AutoTokenizer.from_pretrained(None)
+def running_server(model, chat_template: str | None = None, tokenizer=None, **options):
+    """The app on a free port of 127.0.0.1 in a thread; yields its base URL and the app. ``tokenizer``: the
+    model's own (default: the bundled model's)."""
+    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(None)
     if chat_template is not None:
         tok.chat_template = chat_template
     app = create_app(model, tok, NAME, **options)

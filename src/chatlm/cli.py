@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API only)")
     serve.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds requests in flight get to finish before they are ended (default 30)",
+    )
+    serve.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -815,14 +822,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         web_page=not args.no_web,
     )
     engine = app.state.server.engine
-    # On SIGTERM or Ctrl-C, in-flight requests get 30 s to finish, then they are cancelled. HTTP runs on a thread
-    # and the engine on this one (see `Engine`), so the signals are ours to pass on to uvicorn.
+    # On SIGTERM or Ctrl-C, in-flight requests get --shutdown-timeout seconds to finish; then the engine cancels
+    # them, so that every stream still gets its last chunk (finish_reason "abort") and [DONE], before uvicorn's own
+    # deadline closes the connections. HTTP runs on a thread and the engine on this one (see `Engine`), so the
+    # signals are ours to pass on to uvicorn.
+    drain = args.shutdown_timeout
     server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=drain + 5
+        )
     )
 
     def stop(*_) -> None:
-        server.should_exit = True
+        if not server.should_exit:
+            server.should_exit = True
+            timer = threading.Timer(drain, engine.cancel_all)
+            timer.daemon = True  # the process need not wait for it
+            timer.start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -836,7 +852,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"chatlm: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     if not args.no_web:
         print(f"chatlm: chat page at http://{args.host}:{args.port}/", file=sys.stderr)
-    engine.run()  # until the app's lifespan ends: uvicorn has finished with its connections
+    try:
+        engine.run()  # until the app's lifespan ends: uvicorn has finished with its connections
+    except Exception as error:  # the model step itself failed (every row): exit non-zero, for a supervisor
+        server.should_exit = True
+        http.join(60)
+        print(
+            f"chatlm: the engine failed, so the server stops: {type(error).__name__}: {error}",
+            file=sys.stderr,
+        )
+        return 1
     http.join()
     return 0
 

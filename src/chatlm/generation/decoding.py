@@ -69,12 +69,24 @@ def finish_reason(row: Row, token: int) -> str | None:
 class Decoder:
     """The rows of a batch and the step that advances them. ``cache``: ``forward(tokens, real)`` → logits and
     ``truncate(lengths)`` over its rows (`RaggedCache`). ``proposer`` (with ``governor`` and ``stats``): guesses
-    to check each step (speculative decoding). ``keep_scores``: settled tokens carry their scores and logits."""
+    to check each step (speculative decoding). ``keep_scores``: settled tokens carry their scores and logits.
+    ``isolate_rows`` (the server): an exception while one row chooses its token (a constraint's bug, scores that
+    are not numbers) ends that row with finish reason "error" and the exception in `failed`, and the other rows
+    go on; otherwise (``generate``) it propagates."""
 
-    def __init__(self, cache, proposer=None, governor=None, stats=None, keep_scores: bool = False):
+    def __init__(
+        self,
+        cache,
+        proposer=None,
+        governor=None,
+        stats=None,
+        keep_scores: bool = False,
+        isolate_rows: bool = False,
+    ):
         self.cache, self.proposer, self.governor, self.stats = cache, proposer, governor, stats
-        self.keep_scores = keep_scores
+        self.keep_scores, self.isolate_rows = keep_scores, isolate_rows
         self.rows: dict[int, Row] = {}
+        self.failed: dict[int, Exception] = {}  # rows that ended with an error, until the owner takes them
         if proposer is not None:
             proposer.start(cache)
 
@@ -85,7 +97,17 @@ class Decoder:
         self.rows[index] = row
         if logits is None:
             return []
-        return [self._settle(row, logits)]
+        try:
+            return [self._settle(row, logits)]
+        except Exception as error:
+            self._fail(index, row, error)
+            return []
+
+    def _fail(self, index: int, row: Row, error: Exception) -> None:
+        if not self.isolate_rows:
+            raise error
+        row.finish_reason = "error"
+        self.failed[index] = error
 
     def drop(self, index: int) -> None:
         self.rows.pop(index, None)
@@ -115,17 +137,14 @@ class Decoder:
         all_accepted, count = bool(guesses), 0
         for i, row in active.items():
             g = guesses.get(i, [])
-            if i in plain:
-                out = [self._settle(row, logits[i, 0], chosen=plain[i])]
-            else:
+            try:
                 drafts = self.proposer.distributions.get(i) if g else None
-                out = []
-                for k in range(len(g) + 1):
-                    guess = g[k] if k < len(g) else None
-                    draft = drafts[k] if drafts and guess is not None else None
-                    out.append(self._settle(row, logits[i, k], guess, draft))
-                    if out[-1].finish_reason is not None or guess is None or out[-1].token != guess:
-                        break
+                out = self._settle_row(row, logits[i], g, plain.get(i), drafts)
+            except Exception as error:
+                self._fail(i, row, error)
+                if g:  # none of its guesses stays cached
+                    keep[i] -= len(g)
+                continue
             settled[i] = out
             count += len(out)
             if g:
@@ -143,6 +162,22 @@ class Decoder:
             self.proposer.settled(lengths, all_accepted)
             self.governor.record(bool(guesses), time.perf_counter() - started, count / len(active))
         return settled
+
+    def _settle_row(
+        self, row: Row, logits: torch.Tensor, guesses: list[int], plain: int | None, drafts
+    ) -> list[Settled]:
+        """The tokens one row settles from its ``logits`` (width, vocab): the argmax ``plain`` already taken, or
+        a choice after each fed token while its guesses hold (``drafts``: the draft's distributions, if any)."""
+        if plain is not None:
+            return [self._settle(row, logits[0], chosen=plain)]
+        out: list[Settled] = []
+        for k in range(len(guesses) + 1):
+            guess = guesses[k] if k < len(guesses) else None
+            draft = drafts[k] if drafts and guess is not None else None
+            out.append(self._settle(row, logits[k], guess, draft))
+            if out[-1].finish_reason is not None or guess is None or out[-1].token != guess:
+                break
+        return out
 
     def _recompute(self, active: dict[int, Row]) -> torch.Tensor:
         """The cached keys went stale (Phi-3's switch to its long rope factors): the rows' whole sequences again,
@@ -174,7 +209,10 @@ class Decoder:
         if not rows:
             return {}
         index = torch.tensor(rows)
-        return dict(zip(rows, logits[index, 0].argmax(-1).tolist()))
+        chosen = logits[index, 0]
+        # a row whose logits hold NaN goes the long way, where the sampler refuses it (argmax would pick the NaN)
+        finite = (~chosen.isnan().any(-1)).tolist()
+        return {i: t for i, t, ok in zip(rows, chosen.argmax(-1).tolist(), finite) if ok}
 
     def _settle(
         self,

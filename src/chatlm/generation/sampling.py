@@ -7,10 +7,11 @@ A row's scores go through, in this order (transformers' order; OpenAI's penaltie
    divided by the penalty when positive, multiplied when negative;
 2. ``frequency_penalty`` and ``presence_penalty`` (OpenAI): minus ``frequency * count + presence * (count > 0)``
    over the tokens of the output only;
-3. when sampling (``temperature > 0``): temperature, top-k, top-p, min-p;
-4. end-of-sequence tokens are banned while fewer than ``min_tokens`` were generated;
-5. a `Constraint` (a grammar: a JSON schema, JSON mode, a forced tool call; a reasoning budget) masks the tokens
-   it does not allow.
+3. end-of-sequence tokens are banned while fewer than ``min_tokens`` were generated;
+4. a `Constraint` (a grammar: a JSON schema, JSON mode, a forced tool call; a reasoning budget) masks the tokens
+   it does not allow (before the warpers, so that they pick among allowed tokens);
+5. when sampling (``temperature`` at least ``MIN_TEMPERATURE``; below it, greedy): temperature, top-k, top-p,
+   min-p.
 Then the argmax (greedy) or a draw; a speculative guess is kept or replaced by the rejection rule (`accept`), so
 a guess the constraint refuses is always replaced (its probability is 0).
 """
@@ -41,6 +42,9 @@ class Constraint(Protocol):
     def copy(self) -> Constraint: ...
 
 
+MIN_TEMPERATURE = 1e-5  # a lower temperature samples as greedy decoding
+
+
 @dataclass
 class SamplingParams:
     """How a row chooses its tokens and when it ends: the union of transformers' and OpenAI's options."""
@@ -63,7 +67,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below the floor, dividing by the temperature overflows to inf/nan: the limit is the argmax (vLLM's rule)
+        return self.temperature < MIN_TEMPERATURE
 
     @classmethod
     def from_generation_config(cls, config, prompt_length: int, max_new_tokens: int) -> SamplingParams:
@@ -240,6 +245,11 @@ class RowSampler:
         scores = self.scores(logits)[0]
         if bool(scores.isneginf().all()):  # the constraint allows nothing more: end here
             return next(iter(self.eos), int(logits.argmax())), scores
+        if bool(scores.isnan().any()) or bool(scores.isposinf().any()):
+            raise ValueError(
+                "the model's scores for the next token are not finite numbers (NaN or inf): the weights or the "
+                "computation went wrong"
+            )
         if self.params.greedy:
             return int(scores.argmax()), scores
         return accept(scores.softmax(-1), guess, draft, self.generator), scores

@@ -333,6 +333,33 @@ class GGUFFile:
                     f"the tensor {name!r} ends at byte {start + n_bytes}, past the end of the file ({size} bytes)"
                 )
             self.tensors.append(GGUFTensor(name, ggml_type, dims, offset, start, n_elements, n_bytes, self))
+        self._check_layout(size)
+
+    def _check_layout(self, size: int) -> None:
+        """Writers pack tensor data back to back, each padded to the alignment. A tensor that overlaps the next,
+        or leaves a gap of a whole alignment unit or more before it (or before the file's end), does not hold
+        what its type and shape declare (an F32 tensor declared Q4_0 leaves most of its bytes unread): refused,
+        rather than loaded as garbage."""
+        placed = sorted(self.tensors, key=lambda t: t.data_offset)
+        for tensor, following in zip(placed, placed[1:] + [None]):
+            end = tensor.data_offset + tensor.n_bytes
+            limit, what = (
+                (following.data_offset, f"the tensor {following.name!r}")
+                if following
+                else (size, "the file's end")
+            )
+            if end > limit:
+                raise GGUFFormatError(
+                    self.path,
+                    f"the tensor {tensor.name!r} ({tensor.tensor_type.name}, {tensor.n_bytes} bytes) overlaps {what}",
+                )
+            if limit - end >= self.alignment:
+                raise GGUFFormatError(
+                    self.path,
+                    f"the tensor {tensor.name!r} declares {tensor.tensor_type.name} {list(tensor.shape)} "
+                    f"({tensor.n_bytes} bytes), but {limit - end} more bytes lie before {what}: its declared type or "
+                    "shape does not match its data",
+                )
 
 
 class _BadType(Exception):

@@ -255,6 +255,31 @@ def gguf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     return config
 
 
+def check_tensors(reader: GGUFFile, config, path: Path) -> None:
+    """The file's tensors agree with its metadata (``config``, a checked `ModelConfig`), before anything is
+    allocated or read: one block of tensors per layer, and a token embedding of the vocabulary's size."""
+    blocks = {
+        int(n.split(".")[1])
+        for n in (t.name for t in reader.tensors)
+        if n.split(".")[0] == "blk" and n.split(".")[1].isdigit()
+    }
+    if blocks != set(range(config.num_hidden_layers)):
+        held = f"blk.0 to blk.{max(blocks)}" if blocks else "none"
+        raise ValueError(
+            f"{path.name}: block_count says {config.num_hidden_layers} layers, but the file holds tensors for "
+            f"{len(blocks)} ({held})"
+        )
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ValueError(f"{path.name}: the file has no token embedding (token_embd.weight)")
+    expected = (config.vocab_size, config.hidden_size)
+    if embedding.shape != expected:
+        raise ValueError(
+            f"{path.name}: the token embedding is {list(embedding.shape)}, but the metadata says a vocabulary of "
+            f"{config.vocab_size} tokens of width {config.hidden_size}"
+        )
+
+
 def hf_name(gguf_name: str, arch: str | None = None) -> str | None:
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]

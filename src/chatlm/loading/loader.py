@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Iterable
 
@@ -22,7 +23,7 @@ from . import gguf_model, memory_plan
 from .gguf_blocks import GGUFBlocks
 from .parts import PartAssembler
 from .resolve import ResolvedModel, resolve_model
-from .safetensors_weights import read_safetensors
+from .safetensors_weights import read_safetensors, tensor_names
 
 DTYPES = {
     "float32": torch.float32,
@@ -158,6 +159,22 @@ def _share(tensor, spec) -> torch.Tensor:
     return tensor
 
 
+def _check_layer_count(config: ModelConfig, names: list[str], path) -> None:
+    """The checkpoint holds tensors for exactly ``num_hidden_layers`` layers: checked on the headers' names before
+    the model (whose size follows the count) is built."""
+    layers = {int(m.group(1)) for m in map(_LAYER.search, names) if m}
+    if layers != set(range(config.num_hidden_layers)):
+        held = f"layers 0 to {max(layers)}" if layers else "no layers"
+        raise ValueError(
+            f"{path}: config.json says num_hidden_layers = {config.num_hidden_layers}, but the weights hold "
+            f"{len(layers)} ({held})"
+        )
+
+
+# the language model's layers ("model.layers.N.", "language_model.layers.N."), not a vision tower's
+_LAYER = re.compile(r"(?:^|\.)(?:model|language_model)\.layers\.(\d+)\.")
+
+
 def _check_shape(source: str, name: str, shape, expected) -> None:
     if tuple(shape) != tuple(expected):
         raise ValueError(
@@ -207,11 +224,13 @@ def load_model(
         reader = gguf_model.open_gguf(resolved.path)
         raw = gguf_model.gguf_config(reader, resolved.path)
         config = ModelConfig.from_dict(raw)
+        gguf_model.check_tensors(reader, config, resolved.path)
         tensors = None  # read once the model says which weights it takes quantized
         total = len(reader.tensors)
         generation_config = None
     else:
         config = ModelConfig.from_file(resolved.path / "config.json")
+        _check_layer_count(config, tensor_names(resolved.path), resolved.path)
         tensors = None
         total = None
         has_generation_config = (resolved.path / "generation_config.json").is_file()

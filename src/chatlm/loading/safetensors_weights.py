@@ -20,7 +20,17 @@ def safetensors_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise ValueError(
+                f"{index} is not a valid safetensors index: its weight_map must map names to files"
+            )
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            # a shard is a file in this folder, named relative to it: never a path that leads out of it (the
+            # Hub cache's shards are links into its blobs, so the check is on the name, not the link's target)
+            if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+                raise ValueError(f"{index} names a shard outside the model's folder: {name!r}")
+            files.append(directory / name)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{directory} lacks weight shards named in {INDEX}: {', '.join(missing)}")
@@ -33,6 +43,18 @@ def safetensors_files(directory: Path) -> list[Path]:
             "code); convert them to safetensors"
         )
     raise FileNotFoundError(f"{directory} has no {SINGLE} nor {INDEX}")
+
+
+def tensor_names(directory: Path) -> list[str]:
+    """The checkpoint's tensor names, from the files' headers (no data read)."""
+    names: list[str] = []
+    for path in safetensors_files(directory):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names += list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({e})") from e
+    return names
 
 
 def read_safetensors(directory: Path, select=None) -> Iterator[tuple[str, torch.Tensor]]:

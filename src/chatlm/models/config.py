@@ -12,6 +12,14 @@ from typing import Any
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su", "freq_factors")
 
 
+MAX_SIZE = 1 << 24  # past any real model's width, layer count, vocabulary or context (16M)
+
+
+def _check_size(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+        raise ValueError(f"the model's {name} must be a whole number from 1 to {MAX_SIZE:,}, not {value!r}")
+
+
 @dataclass
 class ModelConfig:
     """The keys of a Hugging Face ``config.json`` that the engine reads; unknown keys are kept in ``extra``."""
@@ -104,10 +112,29 @@ class ModelConfig:
         return cls.from_dict(raw)
 
     def __post_init__(self) -> None:
+        # sizes first, before anything divides by them or allocates by them (a broken or hostile file)
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
+            _check_size(name, getattr(self, name))
+        for name in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) is not None:
+                _check_size(name, getattr(self, name))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}), and no head_dim is given"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps >= 0):
+            raise ValueError(f"rms_norm_eps must be a number, 0 or more, not {self.rms_norm_eps!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "

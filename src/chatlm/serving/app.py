@@ -27,6 +27,7 @@ from .server import (
     finish_reason,
     log_rejected,
     openai_tool_calls,
+    sse,
     stream_chunk,
     usage,
 )
@@ -45,7 +46,7 @@ async def chat_completions(server: Server, http: Request) -> Any:
     ident, created = new_id("chatcmpl"), int(time.time())
     if req.stream:
         return StreamingResponse(
-            _chat_stream(server, req, run, ident, created),
+            failing_openly(server, _chat_stream(server, req, run, ident, created)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -86,6 +87,19 @@ async def chat_completions(server: Server, http: Request) -> Any:
             sum(r.reasoning_tokens for r in replies),
         ),
     }
+
+
+async def failing_openly(server: Server, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An OpenAI stream that fails part way (a choice's generation failed) ends with an error event in OpenAI's
+    shape and ``[DONE]``, as vLLM ends one, instead of a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as error:
+        server.engine.metrics.reject(error.status)
+        log_rejected(error.status, error.message)
+        yield sse(error.body())
+        yield "data: [DONE]\n\n"
 
 
 async def _chat_stream(
@@ -168,7 +182,7 @@ async def completions(server: Server, http: Request) -> Any:
         }
     if req.stream:
         return StreamingResponse(
-            _completion_stream(server, req, jobs, ident, created, prompts, texts),
+            failing_openly(server, _completion_stream(server, req, jobs, ident, created, prompts, texts)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )

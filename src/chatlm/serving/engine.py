@@ -44,7 +44,8 @@ __all__ = ["Delta", "Engine", "EngineStopped", "QueueFull", "Request", "Sampling
 @dataclass
 class Delta:
     """What one choice produced since its last delta: the token generated (an end-of-sequence token too) and the
-    text that became certain. ``finish_reason`` ("stop", "length", "cancelled") marks the choice's last delta."""
+    text that became certain. ``finish_reason`` ("stop", "length", "cancelled", "error") marks the choice's last
+    delta; with "error", ``error`` says what failed (that choice only: the batch goes on)."""
 
     index: int
     text: str
@@ -52,6 +53,7 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop: str | None = None  # the stop string the choice ended at (with finish_reason "stop")
+    error: str | None = None  # what failed (with finish_reason "error")
 
 
 class QueueFull(Exception):
@@ -81,7 +83,7 @@ class Sequence:
 
     request: Request
     index: int
-    row: Row
+    row: Row | None  # None: its row could not be made (the choice failed at once)
 
 
 class Engine:
@@ -114,7 +116,8 @@ class Engine:
         self.prefill: tuple[list[Request], list[int]] | None = None
         self.side = side or ModelSide(model, prefix_cache)  # the model and its caches (`model_side`)
         self.metrics.prefix_cache = self.side.prefix_cache
-        self.decoder = Decoder(self.side)  # the running sequences, a row each
+        # the running sequences, a row each; one that fails while choosing ends alone
+        self.decoder = Decoder(self.side, isolate_rows=True)
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
@@ -142,6 +145,17 @@ class Engine:
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
+        self.wake.set()
+
+    def cancel_all(self) -> None:
+        """Cancel every request in the queue and in the batch: each choice gets its "cancelled" finish, so each
+        stream ends properly (the drain before shutdown ran out)."""
+        with self.lock:
+            requests = list(self.waiting) + [seq.request for seq in self.running.values()]
+            if self.prefill is not None:
+                requests += self.prefill[0]
+        for request in requests:
+            request.cancelled = True
         self.wake.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -269,9 +283,18 @@ class Engine:
         self.metrics.first_token(time.monotonic() - request.arrived)
         finished = []
         for index, row in enumerate(rows):
-            seq = self.running[row] = Sequence(request, index, self._row(request, index))
-            if self._emit(seq, self.decoder.add(row, seq.row, logits)):
+            try:
+                sequence_row = self._row(request, index)
+            except Exception as error:  # its sampler or constraint cannot be made: that choice fails
+                self.running[row] = Sequence(request, index, None)
+                self._fail(row, error)
                 finished.append(row)
+                continue
+            seq = self.running[row] = Sequence(request, index, sequence_row)
+            settled = self.decoder.add(row, seq.row, logits)
+            if settled and self._emit(seq, settled):
+                finished.append(row)
+        finished += self._take_failures()
         self.metrics.running = len(self.running)
         self._free_rows(finished)
 
@@ -282,7 +305,10 @@ class Engine:
         generator = None
         if not params.greedy:
             generator = torch.Generator()
-            generator.manual_seed(params.seed + index if params.seed is not None else secrets.randbits(63))
+            # a seed of any size works: torch takes 64 bits
+            generator.manual_seed(
+                (params.seed + index) % 2**64 if params.seed is not None else secrets.randbits(63)
+            )
         eos = sorted(self.eos | set(params.stop_token_ids))
         constraint = params.constraint() if params.constraint is not None else None
         sampler = RowSampler(params, request.prompt, eos, self.vocab, generator, constraint)
@@ -296,7 +322,7 @@ class Engine:
         stepped = len(self.running)
         settled = self.decoder.step()
         finished = [row for row, tokens in settled.items() if self._emit(self.running[row], tokens)]
-        self._free_rows(finished)
+        self._free_rows(finished + self._take_failures())
         self.metrics.decode_step(stepped, time.perf_counter() - started)
 
     def _emit(self, seq: Sequence, settled: list[Settled]) -> bool:
@@ -308,13 +334,29 @@ class Engine:
             self.metrics.generated_tokens += 1
         return settled[-1].finish_reason is not None
 
+    def _take_failures(self) -> list[int]:
+        """The rows whose choice failed in the decoder: each request hears why; their rows are to be freed."""
+        failed, self.decoder.failed = self.decoder.failed, {}
+        for row, error in failed.items():
+            self._fail(row, error)
+        return list(failed)
+
+    def _fail(self, row: int, error: Exception) -> None:
+        """Choice at ``row`` failed: its request gets an "error" finish and its other choices are cancelled
+        (the request as a whole has failed)."""
+        seq = self.running[row]
+        seq.request.cancelled = True
+        self.metrics.failed_sequences += 1
+        message = f"{type(error).__name__}: {error}"
+        seq.request.sink(Delta(seq.index, "", [], None, "error", error=message))
+
     def _free_rows(self, rows: list[int]) -> None:
         """Rows whose sequences ended: a finished one's prompt and reply go to the prefix cache first."""
         if not rows:
             return
         for row in rows:
             seq = self.running.get(row)
-            if seq is not None and not seq.request.cancelled:
+            if seq is not None and seq.row is not None and not seq.request.cancelled:
                 self.side.remember(row)
             self.running.pop(row, None)
             self.decoder.drop(row)

@@ -17,6 +17,7 @@ class Metrics:
         self.computed_tokens = 0  # prompt tokens prefilled (the rest)
         self.prefix_cache = None  # the engine's `PrefixCache`, or None when off
         self.generated_tokens = 0
+        self.failed_sequences = 0  # choices that ended with an error (the batch went on)
         self.running = 0  # sequences in the batch
         self.waiting = 0  # requests queued
         self.batch_size = 0  # sequences in the last decoding step
@@ -59,6 +60,12 @@ class Metrics:
                 "counter",
                 "Requests refused with an HTTP error, by status.",
                 [(f'{{status="{s}"}}', n) for s, n in sorted(self.rejected.items())],
+            )
+            metric(
+                "failed_sequences_total",
+                "counter",
+                "Choices that failed while generating (their request got an error; the batch went on).",
+                [("", self.failed_sequences)],
             )
             metric("prompt_tokens_total", "counter", "Prompt tokens of requests.", [("", self.prompt_tokens)])
             metric(

@@ -111,14 +111,51 @@ def _known_fields(body: dict[str, Any], known: set[str]) -> None:
         raise bad("best_of", "'best_of' other than 1 is not supported: use 'n'")
 
 
+MAX_DEPTH = 64  # nesting of a request body: JSON schemas and tool arguments stay far below it
+MAX_TOOLS = 128  # OpenAI's limit on a request's tools
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise APIError(
+            400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json"
+        ) from e
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_values(body)
     return body
+
+
+def _check_values(body: dict[str, Any]) -> None:
+    """Nesting at most `MAX_DEPTH` deep, and every string (keys too) valid Unicode: JSON's escapes can spell a
+    lone surrogate ("\\ud800"), which no tokenizer or UTF-8 encoder takes."""
+    stack: list[tuple[Any, int, str]] = [(v, 2, k) for k, v in body.items()]
+    stack += [(k, 1, k) for k in body]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(
+                400, f"'{field}' nests deeper than {MAX_DEPTH} levels", param=field, code="invalid_json"
+            )
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(
+                    400,
+                    f"'{field}' holds a string that is not valid Unicode (a lone surrogate at {e.start})",
+                    param=field,
+                    code="invalid_value",
+                ) from e
+        elif isinstance(value, dict):
+            stack += [(v, depth + 1, field) for v in value.values()] + [(k, depth, field) for k in value]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1, field) for v in value]
 
 
 class Fields:
@@ -275,6 +312,36 @@ def _call_arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str,
     return out
 
 
+def _openai_roles(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI's roles only (a role is written into the prompt as it is: an empty one or one carrying template
+    markup must not get there); "developer" is the system message, as OpenAI's newer models call it. An assistant
+    message's ``tool_calls`` is a list of function calls."""
+    out = []
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role not in CHAT_ROLES:
+            raise ValueError(f"message {i} has the role {role!r}: it must be one of {', '.join(CHAT_ROLES)}")
+        if role == "developer":
+            message = {**message, "role": "system"}
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list):
+                raise ValueError(f"message {i}: 'tool_calls' must be a list of calls in an assistant message")
+            for j, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                    raise ValueError(
+                        f"message {i}: tool call {j} must be {{'type': 'function', 'function': {{'name': ..., "
+                        "'arguments': ...}}}}"
+                    )
+                if not isinstance(function.get("arguments", {}), (str, dict)):
+                    raise ValueError(
+                        f"message {i}: tool call {j}'s 'arguments' must be a JSON string or an object"
+                    )
+        out.append(message)
+    return out
+
+
 def _call_object(call: Any) -> Any:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
@@ -294,7 +361,7 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
     if "messages" not in body:
         raise bad("messages", "'messages' is required: a list of {'role', 'content'} messages")
     try:
-        messages = _call_arguments_as_objects(validate_chat(body["messages"]))
+        messages = _call_arguments_as_objects(_openai_roles(validate_chat(body["messages"])))
     except (ValueError, TypeError) as e:
         raise bad("messages", str(e)) from e
     top = fields.integer("top_logprobs", None, 0, 20)
@@ -302,14 +369,27 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
     if top is not None and not wants:
         raise bad("top_logprobs", "'top_logprobs' needs \"logprobs\": true")
     tools = fields.get("tools", (list,), None, "a list of tools")
+    if tools is not None and len(tools) > MAX_TOOLS:
+        raise bad("tools", f"'tools' holds {len(tools)} tools; at most {MAX_TOOLS} are allowed")
     for i, tool in enumerate(tools or []):
         function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise bad("tools", f"tool {i} must be {{'type': 'function', 'function': {{'name': ..., ...}}}}")
+        if (
+            tool.get("type", "function") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+            or not isinstance(function.get("parameters", {}), dict)
+        ):
+            raise bad(
+                "tools",
+                f"tool {i} must be {{'type': 'function', 'function': {{'name': ..., 'parameters': {{...}}}}}}: "
+                "chatlm runs function tools only",
+            )
     choice = body.get("tool_choice", "auto" if tools else "none")
     names = {t["function"]["name"] for t in tools or []}
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if choice.get("type") != "function" or name not in names:
             raise bad("tool_choice", f"'tool_choice' names no function among the tools: {choice!r}")
     elif choice not in ("auto", "none", "required"):
@@ -350,7 +430,14 @@ def parse_completion(body: dict[str, Any], max_n: int) -> CompletionRequest:
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+            for p in prompt
+        )
+    ):
         prompts = list(prompt)
     else:
         raise bad("prompt", "'prompt' must be a string, a list of strings, or token ids (a list, or lists)")

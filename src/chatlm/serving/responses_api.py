@@ -581,10 +581,20 @@ async def _stream(
     output.event("response.in_progress", response=_response(ident, created, server, req, run))
     for event in output.drain():
         yield event
-    async for step in run.steps():
-        output.feed(step)
+    try:
+        async for step in run.steps():
+            output.feed(step)
+            for event in output.drain():
+                yield event
+    except APIError as error:  # the generation failed part way: an error event, then response.failed
+        output.event("error", code=error.code, message=error.message, param=error.param)
+        failed = _response(ident, created, server, req, run, output, output.finish())
+        failed["status"] = "failed"
+        failed["error"] = {"code": "server_error", "message": error.message}
+        output.event("response.failed", response=failed)
         for event in output.drain():
             yield event
+        return
     final = _response(ident, created, server, req, run, output, output.finish())
     output.event(f"response.{final['status']}", response=final)
     for event in output.drain():

@@ -35,6 +35,13 @@ class Job:
 
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int, skip_special: bool):
         self.engine = engine
+        if any(not 0 <= token < engine.vocab for token, _ in params.logit_bias):
+            raise APIError(
+                400,
+                f"'logit_bias' names a token id outside the vocabulary (0 to {engine.vocab - 1})",
+                param="logit_bias",
+                code="invalid_value",
+            )
         self.route, self.started, self.first, self.generated = current_route.get(), time.monotonic(), None, 0
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
@@ -57,29 +64,38 @@ class Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
     async def deltas(self, http: Request | None = None) -> AsyncIterator[Delta]:
-        """Deltas until every choice has finished. With ``http`` (a non-streaming request), a client that went
-        away cancels the generation."""
+        """Deltas until every choice has finished. With ``http`` (a non-streaming request), a client that goes
+        away cancels the generation at once: before the engine's next step, not when the reply is done."""
+        watcher = asyncio.create_task(self._cancel_on_disconnect(http)) if http is not None else None
         try:
             while self.open:
-                if http is None:
-                    delta = await self.queue.get()
-                else:
-                    try:
-                        delta = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        if await http.is_disconnected():
-                            return
-                        continue
+                delta = await self.queue.get()
                 if delta.finish_reason is not None:
                     self.open -= 1
+                if delta.finish_reason == "error":
+                    raise APIError(
+                        500,
+                        f"generating the reply failed ({delta.error}); the server goes on serving",
+                        "server_error",
+                        code="generation_failed",
+                    )
                 if delta.token_ids and self.first is None:
                     self.first = time.monotonic()
                 self.generated += len(delta.token_ids)
                 yield delta
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if self.open:
                 self.engine.cancel(self.request)
             self._log()
+
+    async def _cancel_on_disconnect(self, http: Request) -> None:
+        # the body has been read: the next message the connection sends is its end (streams do the same in
+        # Starlette's StreamingResponse)
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.engine.cancel(self.request)
 
     def _log(self) -> None:
         if not request_log.isEnabledFor(logging.INFO):
