@@ -87,7 +87,9 @@ def main() -> None:
         print(f"\n{'clients':7s} | {'this tok/s':>10s} | {'base tok/s':>10s} | this/base")
         for level, clients in enumerate(args.clients):
             this, base = (
-                statistics.median(r["results"][level]["tokens_per_second"] for r in results[name])
+                statistics.median(
+                    r.get("chatlm", r.get("results"))[level]["tokens_per_second"] for r in results[name]
+                )
                 for name in trees
             )
             print(f"{clients:7d} | {this:10.1f} | {base:10.1f} | {this / base:.3f}")

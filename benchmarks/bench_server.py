@@ -1,8 +1,13 @@
 """Load on `chatlm serve`: aggregate generated tokens/s and time to first token at 1, 4 and 16 concurrent
-streaming clients.
+streaming clients; optionally llama.cpp's llama-server on the same GGUF file beside it.
 
     python benchmarks/bench_server.py                          # the bundled model, float32 (~3 min)
     python benchmarks/bench_server.py --quantization int4 --clients 1 4 16 --requests 3
+    python benchmarks/bench_server.py --quantization gguf --clients 64 --duration 60 --max-batch 16 \
+        --llama-server ~/.cache/llamacpp-build/bin/llama-server    # both servers, 16 slots each, 60 s of load
+
+With ``--duration``, each client sends requests back to back until the time is up (a request that started goes
+on to its end); errors (a status other than 200, a broken stream, an error event) are counted, not raised.
 
 The server runs in its own process (`chatlm serve` on a free port of 127.0.0.1; nothing else is contacted). For
 each concurrency level, that many clients each send ``--requests`` streaming chat requests one after another
@@ -60,7 +65,8 @@ def wait_until_up(server: subprocess.Popen, url: str, limit: float = 300) -> Non
 
 
 async def stream_chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
-    """One greedy streaming chat request: its time to first content chunk, its usage record and its text."""
+    """One greedy streaming chat request: its time to first content chunk, its usage record, its text, and
+    whether it ended properly ([DONE], no error event)."""
     body = {
         "messages": messages,
         "max_tokens": max_tokens,
@@ -68,40 +74,52 @@ async def stream_chat(http: httpx.AsyncClient, url: str, messages: list[dict], m
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    sent, first, usage, text = time.perf_counter(), None, None, ""
+    sent, first, usage, text, chunks, done = time.perf_counter(), None, None, "", 0, False
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 first = first or time.perf_counter() - sent
                 text += chunk["choices"][0]["delta"]["content"]
+                chunks += 1
             usage = chunk.get("usage") or usage
-    return dict(ttft=first if first is not None else time.perf_counter() - sent, usage=usage, text=text)
+    if not done:
+        raise RuntimeError("the stream ended without [DONE]")
+    tokens = usage["completion_tokens"] if usage else chunks
+    return dict(ttft=first if first is not None else time.perf_counter() - sent, tokens=tokens, text=text)
 
 
-async def one_request(http: httpx.AsyncClient, url: str, question: str, max_tokens: int) -> tuple[float, int]:
-    answer = await stream_chat(http, url, [{"role": "user", "content": question}], max_tokens)
-    return answer["ttft"], answer["usage"]["completion_tokens"] if answer["usage"] else 0
-
-
-async def level(url: str, clients: int, requests: int, max_tokens: int, limit: float) -> dict:
+async def level(
+    url: str, clients: int, requests: int, max_tokens: int, limit: float, duration: float | None
+) -> dict:
+    """``clients`` at once, each sending ``requests`` requests (or, with ``duration``, requests until it is up)."""
     ttfts: list[float] = []
-    tokens = 0
+    tokens = errors = 0
     started = time.perf_counter()
 
     async def client(k: int) -> None:
-        nonlocal tokens
+        nonlocal tokens, errors
         async with httpx.AsyncClient(timeout=600) as http:
-            for r in range(requests):
+            r = 0
+            while (r < requests) if duration is None else (time.perf_counter() - started < duration):
                 if time.perf_counter() - started > limit:
                     return
-                question = QUESTIONS[(k * requests + r) % len(QUESTIONS)]
-                ttft, n = await one_request(http, url, question, max_tokens)
-                ttfts.append(ttft)
-                tokens += n
+                question = QUESTIONS[(k * 7 + r) % len(QUESTIONS)]
+                r += 1
+                try:
+                    answer = await stream_chat(http, url, [{"role": "user", "content": question}], max_tokens)
+                except (httpx.HTTPError, RuntimeError, json.JSONDecodeError):
+                    errors += 1
+                    continue
+                ttfts.append(answer["ttft"])
+                tokens += answer["tokens"]
 
     await asyncio.gather(*(client(k) for k in range(clients)))
     wall = time.perf_counter() - started
@@ -109,12 +127,36 @@ async def level(url: str, clients: int, requests: int, max_tokens: int, limit: f
     return dict(
         clients=clients,
         requests=len(ttfts),
+        errors=errors,
         tokens=tokens,
         seconds=wall,
         tokens_per_second=tokens / wall,
-        ttft_p50=statistics.median(ttfts),
-        ttft_p99=ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
+        ttft_p50=statistics.median(ttfts) if ttfts else float("nan"),
+        ttft_p99=ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))] if ttfts else float("nan"),
     )
+
+
+def run_levels(name: str, url: str, args) -> list[dict]:
+    asyncio.run(level(url, 1, 1, 8, 60, None))  # warm-up
+    results = []
+    for clients in args.clients:
+        result = asyncio.run(
+            level(url, clients, args.requests, args.max_tokens, args.time_limit, args.duration)
+        )
+        results.append(result)
+        print(f"{name}, {clients} clients: {result['tokens_per_second']:.1f} tok/s", file=sys.stderr)
+    return results
+
+
+def table(title: str, results: list[dict]) -> str:
+    header = "clients | requests | errors | tokens | seconds | aggregate tok/s | TTFT p50 | TTFT p99"
+    lines = [title, header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r['clients']:7d} | {r['requests']:8d} | {r['errors']:6d} | {r['tokens']:6d} | {r['seconds']:7.1f} | "
+            f"{r['tokens_per_second']:15.1f} | {r['ttft_p50']:7.3f}s | {r['ttft_p99']:7.3f}s"
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -122,12 +164,18 @@ def main() -> int:
     p.add_argument("model", nargs="?", help="what `chatlm serve` serves (default: the bundled model)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=2, help="requests per client at each level")
+    p.add_argument("--duration", type=float, default=None, help="instead: seconds of load per level")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none")
+    p.add_argument("--max-batch", type=int, default=None, help="chatlm's batch (default: the most clients)")
+    p.add_argument("--quantization", choices=("none", "int8", "int4", "gguf"), default="none")
     p.add_argument("--time-limit", type=float, default=300, help="seconds per level at most")
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
+    p.add_argument(
+        "--llama-server", metavar="BIN", help="also llama.cpp's llama-server on the same GGUF file"
+    )
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
+    batch = args.max_batch or max(args.clients)
     port = free_port()
     command = [
         sys.executable,
@@ -139,7 +187,8 @@ def main() -> int:
         "--quantization",
         args.quantization,
     ]
-    command += ["--max-batch", str(max(args.clients))] + ([args.model] if args.model else [])
+    command += ["--max-batch", str(batch), "--max-queue", str(4 * max(args.clients)), "--quiet"]
+    command += [args.model] if args.model else []
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -147,31 +196,41 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(server, url)
-        asyncio.run(level(url, 1, 1, 8, 60))  # warm-up
-        results = []
-        for clients in args.clients:
-            result = asyncio.run(level(url, clients, args.requests, args.max_tokens, args.time_limit))
-            results.append(result)
-            print(f"{clients} clients: {result['tokens_per_second']:.1f} tok/s", file=sys.stderr)
+        ours = run_levels("chatlm", url, args)
     finally:
         server.terminate()
         server.wait(60)
-    print(
-        f"\nchatlm serve, {args.model or 'bundled SmolLM2-135M-Instruct'}, weights {args.quantization}, greedy, "
-        f"max_tokens {args.max_tokens}, {args.requests} requests per client\n"
+    peer = None
+    if args.llama_server:
+        from chatlm.loading.resolve import resolve_model
+
+        path = str(resolve_model(args.model).path)
+        port = free_port()
+        threads = str(args.threads or os.cpu_count())
+        peer_command = [args.llama_server, "-m", path, "--port", str(port), "-np", str(batch), "-t", threads]
+        peer_command += ["-c", str(batch * 1024), "--log-disable"]
+        server = subprocess.Popen(peer_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_up(server, url)
+            peer = run_levels("llama-server", url, args)
+        finally:
+            server.terminate()
+            server.wait(60)
+    load = (
+        f"{args.duration:g} s of load per level" if args.duration else f"{args.requests} requests per client"
     )
-    header = "clients | requests | tokens | seconds | aggregate tok/s | vs 1 client | TTFT p50 | TTFT p99"
-    print(header + "\n" + "-" * len(header))
-    base = results[0]["tokens_per_second"]
-    for r in results:
-        print(
-            f"{r['clients']:7d} | {r['requests']:8d} | {r['tokens']:6d} | {r['seconds']:7.1f} | "
-            f"{r['tokens_per_second']:15.1f} | {r['tokens_per_second'] / base:10.2f}x | "
-            f"{r['ttft_p50']:7.3f}s | {r['ttft_p99']:7.3f}s"
-        )
+    print(
+        f"\n{args.model or 'bundled SmolLM2-135M-Instruct'}, greedy, max_tokens {args.max_tokens}, {load}, "
+        f"{batch} sequences decoded together\n"
+    )
+    print(table(f"chatlm serve (weights {args.quantization})", ours))
+    if peer:
+        print()
+        print(table(f"llama-server -np {batch}", peer))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump({"args": vars(args), "chatlm": ours, "llama-server": peer}, f, indent=1)
     return 0
 
 

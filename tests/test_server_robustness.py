@@ -317,3 +317,67 @@ def test_non_streaming_clients_that_leave_free_their_rows(server):
     assert engine.metrics.running == 0 and engine.queue_depth == 0
     assert engine.metrics.generated_tokens - before < 8 * 2000 / 4
     assert healthy(url)
+
+
+@contextlib.contextmanager
+def serving(*options: str):
+    """``chatlm serve`` (the bundled model) in its own process, as deployed; yields its port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatlm", "serve", "--port", str(port), "--quiet", *options],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(1200):
+            assert process.poll() is None, process.stderr.read().decode()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def test_slow_clients_cannot_starve_the_server():
+    """A thousand clients that send half of a request's headers and then nothing: a real request is answered
+    while they hang on, and each of them gets a 408 and is closed once --header-timeout is up."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    slow: list[socket.socket] = []
+    with serving("--header-timeout", "3") as port:
+        try:
+            for _ in range(1000):
+                s = socket.create_connection(("127.0.0.1", port), timeout=60)
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
+                slow.append(s)
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"messages": HI, "max_tokens": 4, "temperature": 0},
+                timeout=120,
+            )
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+            answers = [s.recv(4096) for s in slow]  # each waits for its deadline
+            assert all(a.startswith(b"HTTP/1.1 408") for a in answers), {a[:40] for a in answers}
+        finally:
+            for s in slow:
+                s.close()
+
+
+def test_connections_beyond_the_cap_get_503():
+    with serving("--max-connections", "20") as port:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(30)]
+        try:
+            answers = [s.recv(4096) for s in held[20:]]  # the ten over the cap: told at once, and closed
+            assert all(a.startswith(b"HTTP/1.1 503") and b"too many connections" in a for a in answers)
+        finally:
+            for s in held:
+                s.close()
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200  # below the cap again

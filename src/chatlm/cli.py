@@ -232,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API only)")
     serve.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="open connections at most; more get 503 (default 4096, less if the file limit is lower)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's headers (default 10)",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=_non_negative_float,
         default=30.0,
@@ -286,6 +300,13 @@ def _non_negative_float(text: str) -> float:
     value = _convert(text, float, "a number, 0 or more")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _convert(text, float, "a number over 0")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number over 0, not {text!r}")
     return value
 
 
@@ -774,6 +795,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .serving.app import create_app
+    from .serving.connections import connection_cap, guarded_protocol
     from .tokenizer import AutoTokenizer
 
     if _rank() == 0:
@@ -829,7 +851,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     drain = args.shutdown_timeout
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=drain + 5
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=drain + 5,
+            timeout_keep_alive=5,
+            # slow or numerous clients: a deadline on headers, a cap on connections below the descriptor limit
+            http=guarded_protocol(args.header_timeout, connection_cap(args.max_connections)),
         )
     )
 

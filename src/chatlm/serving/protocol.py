@@ -235,7 +235,8 @@ def common_options(fields: Fields, default_max_tokens: int | None, max_n: int, l
         # top_k, min_p and repetition_penalty are not OpenAI's: vLLM's and llama.cpp's extensions, same ranges
         top_k=max(0, fields.integer("top_k", 0, -1)),  # -1 (vLLM) or 0: off
         min_p=fields.number("min_p", 0.0, 0.0, 1.0),
-        repetition_penalty=fields.number("repetition_penalty", 1.0, 0.0, 2.0),
+        # from 0.01: a penalty of 1e-300 divides scores into infinities
+        repetition_penalty=fields.number("repetition_penalty", 1.0, 0.01, 2.0),
         seed=fields.integer("seed", None, -(2**63)),
         stop=_stop(fields),
         presence_penalty=fields.number("presence_penalty", 0.0, -2.0, 2.0),
@@ -245,12 +246,11 @@ def common_options(fields: Fields, default_max_tokens: int | None, max_n: int, l
     )
     if params.top_p == 0:
         raise bad("top_p", "'top_p' must be greater than 0")
-    if params.repetition_penalty == 0:
-        raise bad("repetition_penalty", "'repetition_penalty' must be greater than 0")
     return dict(
         model=model,
         params=params,
-        max_tokens_given=max_tokens is not None,
+        # an endpoint's own default (completions: 16) is a limit as a given one is; none: the context's room
+        max_tokens_given=max_tokens is not None or default_max_tokens is not None,
         n=fields.integer("n", 1, 1, max_n),
         stream=stream,
         include_usage=include_usage,
@@ -374,8 +374,8 @@ def parse_chat(body: dict[str, Any], max_n: int) -> ChatRequest:
     for i, tool in enumerate(tools or []):
         function = tool.get("function") if isinstance(tool, dict) else None
         if (
-            tool.get("type", "function") != "function"
-            or not isinstance(function, dict)
+            not isinstance(function, dict)
+            or tool.get("type", "function") != "function"
             or not isinstance(function.get("name"), str)
             or not function["name"]
             or not isinstance(function.get("parameters", {}), dict)

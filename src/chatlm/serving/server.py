@@ -23,6 +23,7 @@ from .protocol import APIError, bad, new_id, parse_json
 # One line per request (``chatlm serve`` prints them; --quiet turns them off): the endpoint, the status, the tokens
 # in and out, the time to the first token and the speed.
 request_log = logging.getLogger("chatlm.requests")
+BODY_TIMEOUT = 60.0  # seconds for a request's body, once its headers are in
 current_route: contextvars.ContextVar[str] = contextvars.ContextVar("current_route", default="")
 
 
@@ -156,12 +157,22 @@ class Server:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body:
             raise self._too_large(int(declared))
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.max_body:
-                raise self._too_large(len(raw))
-        return parse_json(bytes(raw))
+
+        async def read() -> bytes:
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > self.max_body:
+                    raise self._too_large(len(raw))
+            return bytes(raw)
+
+        try:  # a client that trickles its body must not hold a connection (and a handler) for ever
+            raw = await asyncio.wait_for(read(), BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise APIError(
+                408, f"the request body did not arrive within {BODY_TIMEOUT:g} s", code="request_timeout"
+            ) from None
+        return parse_json(raw)
 
     def _too_large(self, size: int) -> APIError:
         return APIError(
