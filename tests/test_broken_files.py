@@ -150,6 +150,14 @@ def test_broken_configs_are_refused_by_name(tiny, tmp_path, config, message):
         AutoModelForCausalLM.from_pretrained(_folder(tiny, tmp_path, **config))
 
 
+def test_a_table_that_does_not_fit_the_vocabulary_is_refused_from_its_header(tiny, tmp_path):
+    """config.json's vocabulary differs from the embedding table's rows: refused from the headers' shapes, before
+    the model's weights are read."""
+    folder = _folder(tiny, tmp_path, vocab_size=5000)
+    with pytest.raises(ValueError, match=r"(embed_tokens|lm_head).weight.*the config implies \(5000, "):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 def test_a_weight_map_cannot_lead_out_of_the_model_folder(tiny, tmp_path):
     folder = _folder(tiny, tmp_path)
     outside = tmp_path / "elsewhere.safetensors"

@@ -23,7 +23,7 @@ from . import gguf_model, memory_plan
 from .gguf_blocks import GGUFBlocks
 from .parts import PartAssembler
 from .resolve import ResolvedModel, resolve_model
-from .safetensors_weights import read_safetensors, tensor_names
+from .safetensors_weights import read_safetensors, tensor_shapes
 
 DTYPES = {
     "float32": torch.float32,
@@ -175,6 +175,20 @@ def _check_layer_count(config: ModelConfig, names: list[str], path) -> None:
 _LAYER = re.compile(r"(?:^|\.)(?:model|language_model)\.layers\.(\d+)\.")
 
 
+def _check_header_shapes(model: CausalLM, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Each whole tensor the model takes has the shape the config implies: a 10 GB table that does not match the
+    vocabulary is refused from its header, not after it was read."""
+    params = {name: p.shape for name, p in model.named_parameters()}
+    quantized = quantized_slots(model)
+    params.update({name: slot.weight_shape for name, slot in quantized.items()})
+    for origin, shape in shapes.items():
+        if origin.endswith("rotary_emb.inv_freq"):
+            continue
+        name, index = (origin, ()) if origin in quantized else model.checkpoint_slot(origin)
+        if name in params and not index:
+            _check_shape(source, name, shape, params[name])
+
+
 def _check_shape(source: str, name: str, shape, expected) -> None:
     if tuple(shape) != tuple(expected):
         raise ValueError(
@@ -230,7 +244,8 @@ def load_model(
         generation_config = None
     else:
         config = ModelConfig.from_file(resolved.path / "config.json")
-        _check_layer_count(config, tensor_names(resolved.path), resolved.path)
+        shapes = tensor_shapes(resolved.path)
+        _check_layer_count(config, list(shapes), resolved.path)
         tensors = None
         total = None
         has_generation_config = (resolved.path / "generation_config.json").is_file()
@@ -269,6 +284,10 @@ def load_model(
     elif quantization is not None:
         quantize_modules(model, quantization, torch_dtype)
     shards = tensor_parallel.shard_specs(model, tp) if tp is not None else {}
+    if (
+        resolved.kind != "gguf" and tp is None
+    ):  # the headers' shapes against the model's, before any data is read
+        _check_header_shapes(model, shapes, str(resolved.path))
     if tp is None:  # before anything is allocated (a rank's share is left to the ranks)
         _check_memory(
             model, torch_dtype, quantization, device, resolved, reader if resolved.kind == "gguf" else None

@@ -45,16 +45,17 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"{directory} has no {SINGLE} nor {INDEX}")
 
 
-def tensor_names(directory: Path) -> list[str]:
-    """The checkpoint's tensor names, from the files' headers (no data read)."""
-    names: list[str] = []
+def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensors' names and shapes, from the files' headers (no data read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in safetensors_files(directory):
         try:
             with safe_open(str(path), framework="pt") as f:
-                names += list(f.keys())
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({e})") from e
-    return names
+    return shapes
 
 
 def read_safetensors(directory: Path, select=None) -> Iterator[tuple[str, torch.Tensor]]:
