@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .utils import format_bytes
+
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 BUSY_CORES = 0.25  # foreign CPU use during the runs above which the report warns
 DTYPES = ("float32", "bfloat16", "float16")
@@ -446,13 +448,6 @@ def run_bench(
 
 
 # --- output --------------------------------------------------------------------------------------------------
-def _bytes(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
-
-
 def _rate(x: float) -> str:
     return f"{x:.1f}" if x < 1000 else f"{x:,.0f}"
 
@@ -480,11 +475,11 @@ def format_bench(result: BenchResult) -> str:
         f"peak RSS {r.peak_rss_mib:,.0f} MiB (+{r.peak_rss_increase_mib:,.0f} MiB over the "
         f"{r.rss_baseline_mib:,.0f} MiB baseline); {r.rss_after_load_mib:,.0f} MiB after loading",
     )
-    row("weights per token", _bytes(r.weights_bytes_per_token))
+    row("weights per token", format_bytes(r.weights_bytes_per_token))
     row(
         "bandwidth",
-        f"decode reads {_bytes(r.decode_bytes_per_s)}/s, {r.bandwidth_fraction:.0%} of the "
-        f"{_bytes(r.bandwidth_bytes_per_s)}/s measured on {r.device}",
+        f"decode reads {format_bytes(r.decode_bytes_per_s)}/s, {r.bandwidth_fraction:.0%} of the "
+        f"{format_bytes(r.bandwidth_bytes_per_s)}/s measured on {r.device}",
     )
     if r.quality:
         q = r.quality

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .utils import format_bytes
+
 _REFERENCE_HELP = "ORG/REPO (Hugging Face format) or ORG/REPO:QUANT (one GGUF file, e.g. :Q4_K_M)"
 
 
@@ -33,11 +35,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     pulled = pull(args.reference, gguf_file=args.gguf_file)
     if pulled.was_cached:
-        print(f"{pulled.name} is already here ({format_size(pulled.size_bytes)}): {pulled.path}")
+        print(f"{pulled.name} is already here ({format_bytes(pulled.size_bytes)}): {pulled.path}")
         if pulled.note:
             print(f"({pulled.note})")
     else:
-        print(f"pulled {pulled.name} ({format_size(pulled.size_bytes)}) into {pulled.path}")
+        print(f"pulled {pulled.name} ({format_bytes(pulled.size_bytes)}) into {pulled.path}")
     return 0
 
 
@@ -56,7 +58,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from .model_store import remove
 
     removed = remove(args.reference)
-    print(f"deleted {removed.name} ({format_size(removed.freed_bytes)} freed)")
+    print(f"deleted {removed.name} ({format_bytes(removed.freed_bytes)} freed)")
     return 0
 
 
@@ -67,18 +69,10 @@ def format_table(rows) -> str:
         params = _count(row.parameters) if row.parameters else "-"
         name = row.name + (" (bundled)" if row.bundled else "")
         table.append(
-            (name, format_size(row.size_bytes), row.quantization or "-", row.architecture or "-", params)
+            (name, format_bytes(row.size_bytes), row.quantization or "-", row.architecture or "-", params)
         )
     widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
     return "\n".join("   ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in table)
-
-
-def format_size(n: float) -> str:
-    """Decimal units, as the Hub and ollama show sizes: 270 MB, 4.9 GB."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 def _count(n: int) -> str:

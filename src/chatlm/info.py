@@ -31,6 +31,7 @@ import torch
 
 from .loading.memory_plan import available_bytes
 from .models.config import ModelConfig
+from .utils import format_bytes
 
 # Bytes per parameter of the figures given for every model.
 WEIGHT_FORMATS = {"float32": 4.0, "bfloat16": 2.0, "8-bit": 1.0, "4-bit": 0.5}
@@ -389,13 +390,6 @@ def _short(n: float) -> str:
     return str(int(n))
 
 
-def _bytes(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
-
-
 def _share(part: int, whole: int) -> str:
     share = part / whole if whole else 0.0
     return "<1%" if 0 < share < 0.01 else f"{share:.0%}"
@@ -423,7 +417,7 @@ def format_info(info: ModelInfo) -> str:
     row("chat template", "yes" if info.chat_template else "no")
     row(
         "KV cache",
-        f"{_bytes(info.kv_bytes_per_1k_tokens)} per 1,000 tokens ({info.kv_dtype}; {info.num_layers} layers x "
+        f"{format_bytes(info.kv_bytes_per_1k_tokens)} per 1,000 tokens ({info.kv_dtype}; {info.num_layers} layers x "
         f"{info.num_kv_heads} KV heads x {info.head_dim} head dim x 2)",
     )
     shares = sorted(info.stored_types.items(), key=lambda kv: -kv[1])
@@ -435,17 +429,17 @@ def format_info(info: ModelInfo) -> str:
         tps = info.decode_tokens_per_s.get(key)
         fit = ("yes" if info.fits[key] else "no") if info.fits else ""
         lines.append(
-            f"    {key:<13}{_bytes(size):>10}{_bytes(info.active_weights_bytes[key]):>12}{fit:>11}"
+            f"    {key:<13}{format_bytes(size):>10}{format_bytes(info.active_weights_bytes[key]):>12}{fit:>11}"
             + (f"{tps:>10.1f} tok/s" if tps is not None else "")
         )
     if info.available_memory_bytes is not None:
         lines.append(
-            f"  memory available here: {_bytes(info.available_memory_bytes)} (fits: the weights and a KV cache of "
+            f"  memory available here: {format_bytes(info.available_memory_bytes)} (fits: the weights and a KV cache of "
             f"{info.estimate_context_tokens:,} tokens)"
         )
     if info.bandwidth_bytes_per_s:
         lines.append(
-            f"  decode estimates: {_bytes(info.bandwidth_bytes_per_s)}/s measured on {info.bandwidth_device} / "
+            f"  decode estimates: {format_bytes(info.bandwidth_bytes_per_s)}/s measured on {info.bandwidth_device} / "
             f"(weights per token + KV cache of {info.estimate_context_tokens:,} tokens); upper bounds"
         )
         lines.append(
