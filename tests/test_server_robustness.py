@@ -321,7 +321,8 @@ def test_non_streaming_clients_that_leave_free_their_rows(server):
 
 @contextlib.contextmanager
 def serving(*options: str):
-    """``chatlm serve`` (the bundled model) in its own process, as deployed; yields its port."""
+    """``chatlm serve`` (the bundled model) in its own process, as deployed; yields its port (the process is
+    ``serving.process``)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -337,6 +338,7 @@ def serving(*options: str):
                 if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     break
             time.sleep(0.1)
+        serving.process = process
         yield port
     finally:
         process.terminate()
@@ -381,3 +383,39 @@ def test_connections_beyond_the_cap_get_503():
             for s in held:
                 s.close()
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200  # below the cap again
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's RSS from /proc")
+def test_memory_returns_after_bursts_of_clients_that_leave():
+    """Bursts of 32 non-streaming clients that give up after a second on 2,000-token replies: after the first
+    burst has sized the server's buffers, later ones leave its resident memory where it was (the issue saw it grow
+    by half a gigabyte while abandoned replies went on decoding)."""
+    body = {"messages": HI, "max_tokens": 2000, "logit_bias": {"0": -100, "2": -100}}
+    with serving() as port:
+        url, pid = f"http://127.0.0.1:{port}", serving.process.pid
+
+        def burst() -> float:
+            def leave() -> None:
+                with contextlib.suppress(httpx.TimeoutException):
+                    httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+
+            clients = [threading.Thread(target=leave) for _ in range(32)]
+            for thread in clients:
+                thread.start()
+            for thread in clients:
+                thread.join()
+            for _ in range(600):  # until the batch and the queue are empty (generous: a loaded machine)
+                metrics = httpx.get(url + "/metrics").text
+                if "chatlm_running_sequences 0" in metrics and "chatlm_queue_depth 0" in metrics:
+                    break
+                time.sleep(0.1)
+            return _rss_mib(pid)
+
+        first = burst()
+        later = [burst(), burst()]
+        assert max(later) < first + 64, (first, later)
