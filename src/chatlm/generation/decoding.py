@@ -209,10 +209,11 @@ class Decoder:
         if not rows:
             return {}
         index = torch.tensor(rows)
-        chosen = logits[index, 0]
-        # a row whose logits hold NaN goes the long way, where the sampler refuses it (argmax would pick the NaN)
-        finite = (~chosen.isnan().any(-1)).tolist()
-        return {i: t for i, t, ok in zip(rows, chosen.argmax(-1).tolist(), finite) if ok}
+        # max propagates NaN, argmax would pick it: a row whose logits hold NaN goes the long way, where the
+        # sampler refuses it
+        top, chosen = logits[index, 0].max(-1)
+        finite = (~top.isnan()).tolist()
+        return {i: t for i, t, ok in zip(rows, chosen.tolist(), finite) if ok}
 
     def _settle(
         self,

@@ -19,6 +19,7 @@ a guess the constraint refuses is always replaced (its probability is 0).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -243,9 +244,10 @@ class RowSampler:
         """The next token and the processed scores (vocab,) it was chosen from. With a speculative ``guess`` (and
         the ``draft`` distribution it was drawn from, if any), sampling keeps or replaces it by `accept`."""
         scores = self.scores(logits)[0]
-        if bool(scores.isneginf().all()):  # the constraint allows nothing more: end here
+        top = float(scores.max())  # one pass: NaN anywhere makes it NaN
+        if top == -math.inf:  # the constraint allows nothing more: end here
             return next(iter(self.eos), int(logits.argmax())), scores
-        if bool(scores.isnan().any()) or bool(scores.isposinf().any()):
+        if not math.isfinite(top):
             raise ValueError(
                 "the model's scores for the next token are not finite numbers (NaN or inf): the weights or the "
                 "computation went wrong"
