@@ -148,6 +148,17 @@ def run_levels(name: str, url: str, args) -> list[dict]:
     return results
 
 
+def serve_and_load(name: str, server: subprocess.Popen, port: int, args) -> list[dict]:
+    """The levels against ``server`` (started, listening on ``port``), which is stopped afterwards."""
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(server, url)
+        return run_levels(name, url, args)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
 def table(title: str, results: list[dict]) -> str:
     header = "clients | requests | errors | tokens | seconds | aggregate tok/s | TTFT p50 | TTFT p99"
     lines = [title, header, "-" * len(header)]
@@ -192,14 +203,7 @@ def main() -> int:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    server = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(server, url)
-        ours = run_levels("chatlm", url, args)
-    finally:
-        server.terminate()
-        server.wait(60)
+    ours = serve_and_load("chatlm", subprocess.Popen(command, env=env), port, args)
     peer = None
     if args.llama_server:
         from chatlm.loading.resolve import resolve_model
@@ -210,13 +214,7 @@ def main() -> int:
         peer_command = [args.llama_server, "-m", path, "--port", str(port), "-np", str(batch), "-t", threads]
         peer_command += ["-c", str(batch * 1024), "--log-disable"]
         server = subprocess.Popen(peer_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_up(server, url)
-            peer = run_levels("llama-server", url, args)
-        finally:
-            server.terminate()
-            server.wait(60)
+        peer = serve_and_load("llama-server", server, port, args)
     load = (
         f"{args.duration:g} s of load per level" if args.duration else f"{args.requests} requests per client"
     )

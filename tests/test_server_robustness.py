@@ -293,23 +293,29 @@ def test_streams_cut_by_shutdown_still_end_properly(tmp_path):
             process.kill()
 
 
-def test_non_streaming_clients_that_leave_free_their_rows(server):
-    """Eight non-streaming clients give up after a second on replies of 2,000 tokens: their generations are
-    cancelled as they leave, not decoded to the end for nobody."""
-    url, app = server
-    engine = app.state.server.engine
-    before = engine.metrics.generated_tokens
+def clients_that_leave(url: str, count: int) -> None:
+    """``count`` non-streaming clients at once, each asking for 2,000 tokens (the end of turn banned) and giving
+    up after a second."""
     body = {"messages": HI, "max_tokens": 2000, "logit_bias": {"0": -100, "2": -100}}
 
     def leave() -> None:
         with contextlib.suppress(httpx.TimeoutException):
             httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
 
-    clients = [threading.Thread(target=leave) for _ in range(8)]
+    clients = [threading.Thread(target=leave) for _ in range(count)]
     for thread in clients:
         thread.start()
     for thread in clients:
         thread.join()
+
+
+def test_non_streaming_clients_that_leave_free_their_rows(server):
+    """Eight non-streaming clients give up after a second on replies of 2,000 tokens: their generations are
+    cancelled as they leave, not decoded to the end for nobody."""
+    url, app = server
+    engine = app.state.server.engine
+    before = engine.metrics.generated_tokens
+    clients_that_leave(url, 8)
     for _ in range(600):  # waited for generously: a loaded machine
         if engine.metrics.running == 0 and engine.queue_depth == 0:
             break
@@ -395,20 +401,11 @@ def test_memory_returns_after_bursts_of_clients_that_leave():
     """Bursts of 32 non-streaming clients that give up after a second on 2,000-token replies: after the first
     burst has sized the server's buffers, later ones leave its resident memory where it was (the issue saw it grow
     by half a gigabyte while abandoned replies went on decoding)."""
-    body = {"messages": HI, "max_tokens": 2000, "logit_bias": {"0": -100, "2": -100}}
     with serving() as port:
         url, pid = f"http://127.0.0.1:{port}", serving.process.pid
 
         def burst() -> float:
-            def leave() -> None:
-                with contextlib.suppress(httpx.TimeoutException):
-                    httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
-
-            clients = [threading.Thread(target=leave) for _ in range(32)]
-            for thread in clients:
-                thread.start()
-            for thread in clients:
-                thread.join()
+            clients_that_leave(url, 32)
             for _ in range(600):  # until the batch and the queue are empty (generous: a loaded machine)
                 metrics = httpx.get(url + "/metrics").text
                 if "chatlm_running_sequences 0" in metrics and "chatlm_queue_depth 0" in metrics:
